@@ -1,0 +1,211 @@
+"""Typed, validated view of params.yaml.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo such as
+``-S teacher.epoch=3`` fails before any work starts instead of being silently ignored.
+Stages call :func:`load_params` and read only their own sections.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hrkd.errors import HRKDError
+
+PARAMS_FILE = "params.yaml"
+
+# Fixed, ordered label lists: ids must never depend on set or hash order.
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+AMAZON_LABELS = ("negative", "positive")
+MNLI_DOMAINS = ("fiction", "government", "slate", "telephone", "travel")
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction01 = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class MnliData(Section):
+    kind: Literal["mnli"] = "mnli"
+    source: str = "nyu-mll/multi_nli"
+    revision: str | None = None
+    domains: list[str] = Field(default_factory=lambda: list(MNLI_DOMAINS), min_length=1)
+    dev_fraction: Fraction01 = 0.1
+
+    @field_validator("domains")
+    @classmethod
+    def _known_genres(cls, value: list[str]) -> list[str]:
+        return _check_domains(value, MNLI_DOMAINS + ("nineeleven", "oup", "verbatim", "facetoface", "letters"))
+
+
+class AmazonData(Section):
+    kind: Literal["amazon"] = "amazon"
+    source: str = "data/raw/domain_sentiment_data.tar.gz"
+    sha256: str | None = None
+    domains: list[str] = Field(default_factory=lambda: list(AMAZON_DOMAINS), min_length=1)
+    split_seed: int = 11111
+    counts: dict[str, tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]]
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, value: list[str]) -> list[str]:
+        return _check_domains(value, AMAZON_DOMAINS)
+
+    @model_validator(mode="after")
+    def _counts_cover_domains(self) -> "AmazonData":
+        missing = [d for d in self.domains if d not in self.counts]
+        if missing:
+            raise ValueError(f"counts has no (train, dev, test) entry for domain(s) {missing}")
+        return self
+
+
+class CustomData(Section):
+    kind: Literal["custom"] = "custom"
+    path: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    domain_column: str = "domain"
+    labels: list[str] | None = None
+    domains: list[str] | None = None
+    dev_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "CustomData":
+        if self.dev_fraction + self.test_fraction >= 1.0:
+            raise ValueError("dev_fraction + test_fraction must be below 1")
+        return self
+
+
+TaskData = Annotated[Union[MnliData, AmazonData, CustomData], Field(discriminator="kind")]
+
+
+class DemoSizes(Section):
+    train: Annotated[int, Field(ge=10)]
+    dev: Annotated[int, Field(ge=2)]
+    test: Annotated[int, Field(ge=2)]
+
+
+class DemoCorpus(Section):
+    seed: int = 1234
+    mnli: DemoSizes = DemoSizes(train=480, dev=80, test=120)
+    amazon: DemoSizes = DemoSizes(train=320, dev=60, test=100)
+
+
+class FewShot(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["mnli"])
+    rates: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.02, 0.05, 0.1, 0.2], min_length=1
+    )
+
+    @field_validator("rates")
+    @classmethod
+    def _distinct(cls, value: list[float]) -> list[float]:
+        if len(set(value)) != len(value):
+            raise ValueError("rates must be distinct")
+        return sorted(value)
+
+
+class Profile(Section):
+    max_seq_len: Annotated[int, Field(ge=8, le=512)] = 128
+
+
+class Params(Section):
+    profile: Literal["demo", "paper"] = "demo"
+    lr: Annotated[float, Field(gt=0.0)] | None = None
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: ["mnli", "amazon"], min_length=1)
+    data: dict[str, TaskData]
+    demo: DemoCorpus = DemoCorpus()
+    fewshot: FewShot = FewShot()
+    profiles: dict[Literal["demo", "paper"], Profile]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        for task in self.tasks:
+            if task not in self.data:
+                raise ValueError(f"tasks names '{task}' but data has no section for it (known: {sorted(self.data)})")
+        for task in self.fewshot.tasks:
+            if task not in self.tasks:
+                raise ValueError(f"fewshot.tasks names '{task}', which is not in tasks {self.tasks}")
+        if self.profile not in self.profiles:
+            raise ValueError(f"profiles has no '{self.profile}' section")
+        return self
+
+    @property
+    def active(self) -> Profile:
+        """Settings of the profile selected by ``profile``."""
+        return self.profiles[self.profile]
+
+    def task(self, name: str) -> MnliData | AmazonData | CustomData:
+        if name not in self.data:
+            raise HRKDError(
+                f"unknown task '{name}': params.yaml data defines {sorted(self.data)}; "
+                "add a data.<task> section or pick one of those"
+            )
+        return self.data[name]
+
+
+def _check_domains(value: list[str], known: tuple[str, ...]) -> list[str]:
+    unknown = [d for d in value if d not in known]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; known domains are {list(known)}")
+    if len(set(value)) != len(value):
+        raise ValueError("domains must be distinct")
+    return value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    parts: list[str] = []
+    for part in first["loc"]:
+        text = str(part)
+        if text.startswith(("function-", "tagged-")) or (parts and parts[-1] == text):
+            continue  # pydantic's union/discriminator tags, not keys the user wrote
+        parts.append(f"[{text}]" if isinstance(part, int) else text)
+    key = ".".join(parts).replace(".[", "[")
+    knob = re.sub(r"\[\d+\]$", "", key)
+    more = f" (+{len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{more}; remove it or check its spelling against README's parameter list"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    if not key:
+        return f"{source}: {msg}{more}; fix it in {source}"
+    return f"{source}: invalid '{key}': {msg}{got_txt}{more}; fix it in {source} or with dvc exp run -S {knob}=..."
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    if not isinstance(raw, dict):
+        raise HRKDError(f"{source}: expected a mapping of sections at the top level; restore it from git")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise HRKDError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml, raising :class:`HRKDError` with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise HRKDError(f"{path} not found: run the stage from the repository root (where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise HRKDError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}; fix the syntax there") from None
+    return parse_params(raw, str(path))
