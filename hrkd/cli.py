@@ -26,6 +26,15 @@ def setup_logging(level: str | None = None) -> None:
     # Third-party chatter (HF hub retries, DVC internals) drowns our progress lines.
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers draws a bar for every save_pretrained; ours are the only ones worth an ETA.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
 
 
 def stage(func: F) -> F:

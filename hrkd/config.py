@@ -118,8 +118,120 @@ class FewShot(Section):
         return sorted(value)
 
 
+class BertShape(Section):
+    """Architecture of a tiny randomly initialised BERT (demo profile)."""
+
+    hidden_size: Annotated[int, Field(ge=4)]
+    num_hidden_layers: Annotated[int, Field(ge=1)]
+    num_attention_heads: Annotated[int, Field(ge=1)]
+    intermediate_size: Annotated[int, Field(ge=4)]
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "BertShape":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        return self
+
+
+class DemoModels(Section):
+    """Tiny BERTs and the WordPiece vocabulary built from the prepared corpus (demo profile)."""
+
+    vocab_size: Annotated[int, Field(ge=50)] = 1500
+    seed: int = 0
+    teacher: BertShape = BertShape(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
+    student: BertShape = BertShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+    @model_validator(mode="after")
+    def _same_heads(self) -> "DemoModels":
+        # Attention distillation (eq. 3) compares head i of the student with head i of the teacher.
+        if self.teacher.num_attention_heads != self.student.num_attention_heads:
+            raise ValueError("teacher and student need the same num_attention_heads for attention distillation")
+        return self
+
+
+class TrainSettings(Section):
+    """Optimisation schedule of one training run (AdamW, linear warmup then linear decay)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0.0)] = 5e-5
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    # Dev evaluation (and checkpoint) every this many optimiser steps, and at the end.
+    eval_every: Annotated[int, Field(ge=1)] = 500
+    eval_batch_size: Annotated[int, Field(ge=1)] = 128
+
+
+class StudentSettings(TrainSettings):
+    """Student schedule. ``lr`` is the fallback; per-task and few-shot rates win over it, and the
+    top-level ``lr`` param (when set) wins over everything."""
+
+    epochs: Annotated[int, Field(ge=1)] = 10
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    task_lr: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: {"mnli": 1e-3, "amazon": 5e-4})
+    fewshot_lr: Annotated[float, Field(gt=0.0)] = 5e-5
+
+
 class Profile(Section):
     max_seq_len: Annotated[int, Field(ge=8, le=512)] = 128
+    teacher: TrainSettings = TrainSettings()
+    student: StudentSettings = StudentSettings()
+    # "demo" = the tiny random BERT built by the pretrained stage from models.demo; anything else is
+    # a hub id (bert-base-uncased) or a local directory holding a save_pretrained checkpoint.
+    teacher_model: str = "bert-base-uncased"
+    student_model: str = "huawei-noah/TinyBERT_General_4L_312D"
+    model_revision: str | None = None
+
+
+class Engine(Section):
+    """How runs execute; none of this changes the maths of a run."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Processes per run. >1 relaunches the stage under torchrun (DDP; one GPU each, gloo on CPU).
+    nproc: Annotated[int, Field(ge=1)] = 1
+    log_every: Annotated[int, Field(ge=1)] = 10
+    progress: bool = True
+
+
+TeacherKind = Literal["single", "mix", "mtl", "hrkd"]
+
+
+class Teacher(Section):
+    kinds: list[TeacherKind] = Field(default_factory=lambda: ["single", "mix", "mtl", "hrkd"], min_length=1)
+    seed: int = 42
+
+
+DistillMethod = Literal[
+    "tinybert-kd", "multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "no-domain-rel"
+]
+
+
+class Distill(Section):
+    """Method hyper-parameters of section 2 (shared by every profile)."""
+
+    # Single-domain TinyBERT-KD students are distilled from each of these teacher kinds.
+    tinybert_teachers: list[Literal["single", "mix", "mtl"]] = Field(default_factory=lambda: ["single", "mix", "mtl"])
+    # Multi-domain students distilled from the HRKD-teacher (Tables 2-4).
+    methods: list[DistillMethod] = Field(
+        default_factory=lambda: ["multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical"]
+    )
+    gamma: Annotated[float, Field(ge=0.0)] = 1.0
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    # per-domain: domain d is distilled from the teacher checkpoint selected on domain d (authors);
+    # shared: one checkpoint for all domains (the one selected on the average dev accuracy... see docs).
+    teacher_checkpoint: Literal["per-domain", "shared"] = "per-domain"
+    graph_trainable: bool = True  # false = the authors' code (graph never reaches the optimiser)
+    graph_skip: bool = False  # true = root/skip term in both GAT layers (not in the paper)
+    graph_heads: Annotated[int, Field(ge=1)] = 8
+    graph_hidden: Annotated[int, Field(ge=1)] | None = None  # None = prototype width F
+    graph_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    prototype_padding: bool = True  # eq. 6 averages over all L positions (paper and authors' code)
+    class_mean: bool = False  # true = the authors' soft CE that also averages over classes
+    mask_queries: bool = False  # also zero padded query rows of the attention maps
+    seed_offset: int = 0
 
 
 class Params(Section):
@@ -130,6 +242,10 @@ class Params(Section):
     data: dict[str, TaskData]
     demo: DemoCorpus = DemoCorpus()
     fewshot: FewShot = FewShot()
+    models: DemoModels = DemoModels()
+    engine: Engine = Engine()
+    teacher: Teacher = Teacher()
+    distill: Distill = Distill()
     profiles: dict[Literal["demo", "paper"], Profile]
 
     @model_validator(mode="after")
@@ -143,6 +259,15 @@ class Params(Section):
         if self.profile not in self.profiles:
             raise ValueError(f"profiles has no '{self.profile}' section")
         return self
+
+    def student_lr(self, task: str, fewshot: bool = False) -> float:
+        """The student learning rate of a run: top-level ``lr`` > few-shot rate > per-task rate > fallback."""
+        if self.lr is not None:
+            return self.lr
+        student = self.active.student
+        if fewshot:
+            return student.fewshot_lr
+        return student.task_lr.get(task, student.lr)
 
     @property
     def active(self) -> Profile:

@@ -1,0 +1,166 @@
+"""Distillation throughput: examples/s and peak memory of multi-domain-kd vs hrkd training steps.
+
+Paper dimensions (--dims paper): random-weight BERT-base teachers (12L/768/12 heads, one per
+domain unless --shared-teacher), a 4L-312D/12-head/1200-FFN student, 5 domains, 32 examples per
+domain per step, sequence length 128, random token ids; full training steps (forward, backward,
+AdamW) under the engine's autocast (bf16 on GPU). --dims tiny is a seconds-long CPU smoke check.
+
+    python benchmarks/bench_distill.py --dims paper --device cuda
+    python benchmarks/bench_distill.py --dims tiny --steps 3 --warmup 1
+
+Prints a table and one JSON line (device, config, date, results, HRKD overhead in % over
+multi-domain-kd; the target is <= 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import resource
+import time
+
+import torch
+
+log = logging.getLogger("bench_distill")
+
+DIMS = {
+    "paper": {"teacher": (12, 768, 12, 3072), "student": (4, 312, 12, 1200), "domains": 5, "per_domain": 32,
+              "seq": 128, "vocab": 30522},
+    "tiny": {"teacher": (4, 48, 4, 96), "student": (2, 32, 4, 64), "domains": 3, "per_domain": 4, "seq": 32,
+             "vocab": 100},
+}
+
+
+def bert(shape: tuple[int, int, int, int], vocab: int, seq: int, seed: int):
+    from transformers import BertConfig, BertModel
+
+    layers, hidden, heads, ffn = shape
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max(512, seq)))
+
+
+def build(method: str, cfg: dict, shared_teacher: bool, device: torch.device):
+    from hrkd.config import Distill
+    from hrkd.distill import KDObjective, TeacherGroup
+    from hrkd.models import MultiDomainBert
+
+    D = cfg["domains"]
+    names = [f"d{i}" for i in range(D)]
+    teachers = []
+    if shared_teacher:
+        model = MultiDomainBert(bert(cfg["teacher"], cfg["vocab"], cfg["seq"], 1), num_labels=3, domains=names)
+        teachers.append(TeacherGroup(model.eval().requires_grad_(False).to(device), tuple(range(D)),
+                                     torch.arange(D, device=device)))
+    else:
+        for d in range(D):
+            model = MultiDomainBert(bert(cfg["teacher"], cfg["vocab"], cfg["seq"], 1 + d), num_labels=3, domains=None)
+            head_of = torch.full((D,), -1, dtype=torch.long)
+            head_of[d] = 0
+            teachers.append(TeacherGroup(model.eval().requires_grad_(False).to(device), (d,), head_of.to(device)))
+    torch.manual_seed(0)
+    student = MultiDomainBert(bert(cfg["student"], cfg["vocab"], cfg["seq"], 0), num_labels=3, domains=names)
+    obj = KDObjective(student, teachers, num_domains=D, method=method, distill=Distill(),
+                      teacher_layers=cfg["teacher"][0], teacher_hidden=cfg["teacher"][1])
+    return obj.to(device).train()
+
+
+def make_batch(cfg: dict, device: torch.device):
+    from hrkd.data.loading import Batch
+    from hrkd.distill import DistillBatch
+
+    D, b, L = cfg["domains"], cfg["per_domain"], cfg["seq"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, cfg["vocab"], (D * b, L), generator=g)
+    lengths = torch.randint(L // 2, L + 1, (D * b,), generator=g)
+    lengths[0] = L  # the step's width is its longest row, as after collate
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
+    batch = Batch(ids * mask, mask, torch.zeros_like(ids), torch.zeros(D * b, dtype=torch.long),
+                  torch.arange(D).repeat_interleave(b))
+    return DistillBatch(batch=batch.to(device), spans=tuple((d * b, (d + 1) * b) for d in range(D)))
+
+
+def bench(method: str, cfg: dict, args, runtime) -> dict:
+    from hrkd.engine import param_groups
+
+    device = runtime.device
+    obj = build(method, cfg, args.shared_teacher, device)
+    db = make_batch(cfg, device)
+    opt = torch.optim.AdamW(param_groups(obj, 0.01), lr=1e-4, fused=device.type == "cuda" or None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with runtime.autocast():
+            loss, _ = obj(db)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
+    rows = cfg["domains"] * cfg["per_domain"]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        kind = "cuda_max_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; process-wide high-water mark
+        kind = "ru_maxrss"
+    result = {"examples_per_s": round(rows / step_s, 2), "step_ms": round(1000 * step_s, 2),
+              "peak_mem_mib": round(peak, 1), "memory": kind, "final_loss": round(float(loss.detach()), 5)}
+    del obj, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    from hrkd.config import Engine
+    from hrkd.distill import METHODS
+    from hrkd.engine import setup_runtime
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", choices=sorted(DIMS), default="paper")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    parser.add_argument("--methods", default="multi-domain-kd,hrkd", help="comma-separated distillation methods")
+    parser.add_argument("--shared-teacher", action="store_true", help="one teacher encoder for all domains (less memory)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS or m == "tinybert-kd"]
+    if unknown:
+        parser.error(f"unknown or single-domain method(s) {unknown}; choose from {[m for m in METHODS if m != 'tinybert-kd']}")
+    runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
+    cfg = DIMS[args.dims]
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
+    results = {m: bench(m, cfg, args, runtime) for m in methods}
+
+    log.info("%-18s %12s %10s %12s", "method", "examples/s", "step ms", "peak MiB")
+    for m, r in results.items():
+        log.info("%-18s %12.1f %10.2f %12.1f", m, r["examples_per_s"], r["step_ms"], r["peak_mem_mib"])
+    overhead = None
+    if "hrkd" in results and "multi-domain-kd" in results:
+        overhead = round(100 * (results["hrkd"]["step_ms"] / results["multi-domain-kd"]["step_ms"] - 1), 2)
+        log.info("HRKD overhead over multi-domain-kd: %+.1f %% of step time (target <= 10 %%)", overhead)
+    print(json.dumps({
+        "bench": "distill", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name, "torch": torch.__version__,
+        "precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
+        "config": {"dims": args.dims, **cfg, "steps": args.steps, "warmup": args.warmup,
+                   "shared_teacher": args.shared_teacher},
+        "results": results, "hrkd_overhead_pct": overhead,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Tokenised splits and deterministic batch schedules for training and evaluation.
+
+Splits are tokenised once into padded int32 tensors; a batch is an index tensor that is
+gathered and trimmed to its longest row, so per-step Python work stays tiny. Schedules are
+pure functions of (seed, epoch), which is what makes an interrupted run resumable to the
+exact same result: the resumed run regenerates the epoch and skips the steps already done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+
+from hrkd.data.format import read_meta, read_split
+from hrkd.errors import HRKDError
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """One domain's split, tokenised and padded to ``max_seq_len``."""
+
+    input_ids: torch.Tensor  # [N, Lmax] int32
+    token_type_ids: torch.Tensor  # [N, Lmax] int8
+    lengths: torch.Tensor  # [N] int32
+    labels: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """A prepared task (or few-shot subset) as the trainers see it."""
+
+    name: str
+    labels: list[str]
+    domains: list[str]
+    splits: dict[str, dict[str, EncodedSplit]]  # domain -> split -> encoded
+
+    def sizes(self, split: str) -> list[int]:
+        return [len(self.splits[d][split]) for d in self.domains]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    labels: torch.Tensor
+    domain_ids: torch.Tensor  # [B] index into TaskSplits.domains
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=nb) for t in (
+            self.input_ids, self.attention_mask, self.token_type_ids, self.labels, self.domain_ids)))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode_frame(frame: pd.DataFrame, tokenizer, max_seq_len: int, chunk: int = 4096) -> EncodedSplit:
+    """Tokenise ``text``/``text_pair`` columns exactly as a BERT classifier would at inference."""
+    texts = frame["text"].tolist()
+    pairs = frame["text_pair"].tolist() if "text_pair" in frame and frame["text_pair"].notna().any() else None
+    ids, types, lengths = [], [], []
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(
+            texts[start : start + chunk],
+            pairs[start : start + chunk] if pairs is not None else None,
+            truncation=True,
+            max_length=max_seq_len,
+            padding="max_length",
+            return_tensors="pt",
+            return_token_type_ids=True,
+            return_attention_mask=True,
+        )
+        ids.append(enc["input_ids"].to(torch.int32))
+        types.append(enc["token_type_ids"].to(torch.int8))
+        lengths.append(enc["attention_mask"].sum(dim=1).to(torch.int32))
+    if not ids:
+        empty = torch.zeros((0, max_seq_len), dtype=torch.int32)
+        return EncodedSplit(empty, empty.to(torch.int8), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.long))
+    return EncodedSplit(
+        input_ids=torch.cat(ids),
+        token_type_ids=torch.cat(types),
+        lengths=torch.cat(lengths),
+        labels=torch.as_tensor(frame["label"].to_numpy().copy(), dtype=torch.long),
+    )
+
+
+def load_task(
+    data_dir: str | Path,
+    tokenizer,
+    max_seq_len: int,
+    splits: Sequence[str] = SPLITS,
+    domains: Sequence[str] | None = None,
+) -> TaskSplits:
+    """Read a prepared task folder (meta.json + <domain>/<split>.parquet) and tokenise it."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    all_domains = list(meta.domains)
+    chosen = list(domains) if domains is not None else all_domains
+    unknown = [d for d in chosen if d not in all_domains]
+    if unknown:
+        raise HRKDError(f"unknown domain(s) {unknown} for {data_dir}: available domains are {all_domains}")
+    encoded = {
+        domain: {split: encode_frame(read_split(data_dir, domain, split), tokenizer, max_seq_len) for split in splits}
+        for domain in chosen
+    }
+    return TaskSplits(name=meta.task, labels=list(meta.labels), domains=chosen, splits=encoded)
+
+
+def collate(task: TaskSplits, split: str, groups: Sequence[tuple[int, torch.Tensor]]) -> Batch:
+    """Gather rows of several (domain, indices) groups into one batch, trimmed to its longest row."""
+    ids, types, lens, labels, doms = [], [], [], [], []
+    for domain, idx in groups:
+        enc = task.splits[task.domains[domain]][split]
+        ids.append(enc.input_ids[idx])
+        types.append(enc.token_type_ids[idx])
+        lens.append(enc.lengths[idx])
+        labels.append(enc.labels[idx])
+        doms.append(torch.full((len(idx),), domain, dtype=torch.long))
+    lengths = torch.cat(lens)
+    width = max(int(lengths.max()), 1) if len(lengths) else 1
+    input_ids = torch.cat(ids)[:, :width].long()
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return Batch(input_ids, mask, torch.cat(types)[:, :width].long(), torch.cat(labels), torch.cat(doms))
+
+
+def eval_batches(task: TaskSplits, split: str, domain: int, batch_size: int) -> Iterator[Batch]:
+    n = len(task.splits[task.domains[domain]][split])
+    for start in range(0, n, batch_size):
+        yield collate(task, split, [(domain, torch.arange(start, min(start + batch_size, n)))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training schedules. A step is a list of (domain index, row indices) groups.
+# ---------------------------------------------------------------------------------------------
+
+Step = list[tuple[int, torch.Tensor]]
+
+
+def _generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    # Distinct, reproducible streams per (seed, epoch, domain) without sharing global RNG state.
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
+
+
+def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(torch.split(idx, size))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows every optimisation step sees, as a deterministic function of (seed, epoch).
+
+    kind:
+      * ``single``  - one domain only (BERT-single, TinyBERT-KD single-domain students);
+      * ``mix``     - all domains pooled and shuffled, batches mix domains;
+      * ``mtl``     - each batch from one domain, domains visited in proportion to their size
+                      (all of an epoch's per-domain batches, shuffled together: MT-DNN);
+      * ``parallel``- every step takes one batch from every domain (HRKD, section 2.1). An epoch
+                      is as long as the largest domain (ceil(n_max / batch) steps); smaller
+                      domains are reshuffled and cycled, so all domains contribute equally.
+    """
+
+    kind: str
+    sizes: tuple[int, ...]
+    batch_size: int
+    seed: int
+    domain: int = 0  # for kind == "single"
+
+    def __post_init__(self) -> None:
+        if self.kind not in {"single", "mix", "mtl", "parallel"}:
+            raise ValueError(f"unknown schedule kind {self.kind!r}")
+        if self.kind == "single" and self.sizes[self.domain] == 0 or sum(self.sizes) == 0:
+            raise HRKDError("no training rows: check the prepared data (a domain's train split is empty)")
+        if self.kind == "parallel" and min(self.sizes) == 0:
+            raise HRKDError("a domain has no training rows: every domain needs data for multi-domain training")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        b = self.batch_size
+        if self.kind == "single":
+            return -(-self.sizes[self.domain] // b)
+        if self.kind == "mix":
+            return -(-sum(self.sizes) // b)
+        if self.kind == "mtl":
+            return sum(-(-n // b) for n in self.sizes)
+        return max(-(-n // b) for n in self.sizes)
+
+    def epoch(self, epoch: int) -> list[Step]:
+        b = self.batch_size
+        if self.kind == "single":
+            perm = torch.randperm(self.sizes[self.domain], generator=_generator(self.seed, epoch))
+            return [[(self.domain, chunk)] for chunk in _chunks(perm, b)]
+        if self.kind == "mix":
+            domains = torch.cat([torch.full((n,), d, dtype=torch.long) for d, n in enumerate(self.sizes)])
+            rows = torch.cat([torch.arange(n) for n in self.sizes])
+            perm = torch.randperm(len(rows), generator=_generator(self.seed, epoch))
+            steps = []
+            for chunk in _chunks(perm, b):
+                d, r = domains[chunk], rows[chunk]
+                steps.append([(int(k), r[d == k]) for k in torch.unique(d)])
+            return steps
+        if self.kind == "mtl":
+            batches = []
+            for d, n in enumerate(self.sizes):
+                perm = torch.randperm(n, generator=_generator(self.seed, epoch, salt=d + 1))
+                batches.extend([(d, chunk)] for chunk in _chunks(perm, b))
+            order = torch.randperm(len(batches), generator=_generator(self.seed, epoch))
+            return [batches[i] for i in order.tolist()]
+        steps_n = self.steps_per_epoch
+        per_domain = []
+        for d, n in enumerate(self.sizes):
+            # Every step takes a full batch from every domain; smaller domains are reshuffled and
+            # cycled (a domain smaller than one batch contributes all its rows each step).
+            size = min(b, n)
+            need = steps_n * size
+            perms = [torch.randperm(n, generator=_generator(self.seed, epoch * 1000 + k, salt=d + 1))
+                     for k in range(-(-need // n))]
+            stream = torch.cat(perms)
+            per_domain.append([stream[i * size : (i + 1) * size] for i in range(steps_n)])
+        return [[(d, per_domain[d][s]) for d in range(len(self.sizes))] for s in range(steps_n)]
+
+
+def shard(step: Step, rank: int, world: int) -> Step:
+    """This process's share of every group of a global step (DDP): contiguous, equal-as-possible."""
+    if world == 1:
+        return step
+    return [(d, idx.tensor_split(world)[rank]) for d, idx in step]

@@ -1,0 +1,45 @@
+"""Dispatch one task of params.yaml to its source and write it in the on-disk format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hrkd.config import AMAZON_LABELS, MNLI_LABELS, AmazonData, CustomData, MnliData, Params
+from hrkd.data.amazon import build_amazon
+from hrkd.data.custom import build_custom
+from hrkd.data.demo import build_demo
+from hrkd.data.format import TaskMeta, write_task
+from hrkd.data.mnli import build_mnli
+
+log = logging.getLogger("hrkd.data.prepare")
+
+
+def prepare_task(params: Params, task: str, out_dir: str | Path) -> TaskMeta:
+    """Build ``task`` from its source (or the demo corpus) and write it atomically to ``out_dir``.
+
+    In the demo profile the built-in kinds (mnli, amazon) are replaced by the generated corpus
+    with the same domains and labels; custom tasks always read the user's files.
+    """
+    cfg = params.task(task)
+    if params.profile == "demo" and isinstance(cfg, (MnliData, AmazonData)):
+        sizes = params.demo.mnli if cfg.kind == "mnli" else params.demo.amazon
+        splits, labels, pair = build_demo(cfg.kind, cfg.domains, sizes, params.demo.seed)
+        meta = TaskMeta(task, cfg.kind, labels, tuple(cfg.domains), pair, "demo", params.profile)
+    elif isinstance(cfg, MnliData):
+        splits, source = build_mnli(cfg)
+        meta = TaskMeta(task, "mnli", MNLI_LABELS, tuple(cfg.domains), True, source, params.profile)
+    elif isinstance(cfg, AmazonData):
+        splits, source = build_amazon(cfg)
+        meta = TaskMeta(task, "amazon", AMAZON_LABELS, tuple(cfg.domains), False, source, params.profile)
+    else:
+        assert isinstance(cfg, CustomData)
+        splits, labels, domains, source = build_custom(cfg)
+        pair = cfg.text_pair_column is not None
+        meta = TaskMeta(task, "custom", tuple(labels), tuple(domains), pair, source, params.profile)
+    stats = write_task(out_dir, meta, splits)
+    for domain in meta.domains:
+        entry = stats[domain]
+        log.info("%s/%s: train %d, dev %d, test %d", task, domain, entry["train"], entry["dev"], entry["test"])
+    log.info("wrote %s (%s, source %s)", out_dir, meta.kind, meta.source)
+    return meta

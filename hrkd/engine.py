@@ -1,0 +1,472 @@
+"""The training engine shared by teachers and students.
+
+One loop for every method: AdamW with linear warmup/decay, gradient clipping, mixed precision
+on GPU, DDP under torchrun, dev evaluation every N steps with the best checkpoint kept per
+domain (as the authors select), DVCLive logging, a NaN guard, and exact resume after a kill.
+
+Methods plug in through a module whose ``forward(batch)`` returns ``(loss, logs)`` and a
+``make_batch(step)`` that turns a schedule step into that batch on the right device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hrkd.config import Engine, TrainSettings
+from hrkd.data.loading import Schedule, Step
+from hrkd.errors import HRKDError
+from hrkd.io import write_json
+
+log = logging.getLogger("hrkd.engine")
+
+SHARED = "_shared"
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: device, precision, process group
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: torch.dtype | None = None
+    use_scaler: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_runtime(engine: Engine) -> Runtime:
+    """Pick device and precision; join the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = engine.device == "cuda" or (engine.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise HRKDError("engine.device is 'cuda' but no CUDA GPU is visible: set engine.device=auto or cpu")
+    if want_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise HRKDError(
+                f"engine.nproc asks for {world} processes but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "lower engine.nproc"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    precision = engine.precision
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise HRKDError("engine.precision=fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
+    if device.type == "cuda":
+        # TF32 matmuls: a large speed-up on Ampere+ at accuracy irrelevant for fine-tuning.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(device=device, rank=rank, world=world, amp_dtype=amp_dtype, use_scaler=precision == "fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable hash of a run's configuration: a resume state is reused only for the same run."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def maybe_relaunch(nproc: int, argv: list[str] | None = None) -> None:
+    """Re-run this script under torchrun with ``nproc`` processes unless already inside it."""
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    import subprocess
+
+    argv = list(sys.argv if argv is None else argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    log.info("relaunching under torchrun with %d processes", nproc)
+    raise SystemExit(subprocess.call(cmd))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------------------------
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """BERT convention: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """The checkpoint chosen for one domain: the step with the best dev accuracy."""
+
+    step: int
+    dev: float
+
+
+@dataclass
+class TrainResult:
+    best: dict[str, Selection]
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NonFiniteLoss(HRKDError):
+    pass
+
+
+class Trainer:
+    """Runs one optimisation: ``settings.epochs`` passes of ``schedule`` over ``module``.
+
+    ``module.forward(batch) -> (loss, logs)`` where logs maps names to scalar tensors.
+    ``evaluate(module) -> {domain: dev accuracy}`` runs on the main process only.
+    ``snapshot(module) -> state_dict`` is what "the best checkpoint of domain d" keeps
+    (e.g. only the student of a distillation wrapper); it defaults to the whole module.
+    """
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module,
+        make_batch: Callable[[Step], Any],
+        schedule: Schedule,
+        settings: TrainSettings,
+        runtime: Runtime,
+        engine: Engine,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        domains: list[str],
+        resume_dir: str | Path,
+        config: dict[str, Any],
+        live_dir: str | Path | None = None,
+        snapshot: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+        find_unused_parameters: bool = False,
+        select_average: bool = False,
+        desc: str = "train",
+        stop_at_step: int | None = None,
+    ) -> None:
+        self.module = module.to(runtime.device)
+        self.make_batch = make_batch
+        self.schedule = schedule
+        self.settings = settings
+        self.runtime = runtime
+        self.engine = engine
+        self.evaluate = evaluate
+        self.domains = list(domains)
+        # "_shared": one checkpoint for every domain, the step with the best average dev accuracy.
+        self.selection_keys = self.domains + ([SHARED] if select_average else [])
+        self.resume_dir = Path(resume_dir)
+        self.fingerprint = fingerprint(config)
+        self.live_dir = Path(live_dir) if live_dir is not None else None
+        self.snapshot = snapshot or (lambda m: m.state_dict())
+        self.desc = desc
+        self.stop_at_step = stop_at_step  # tests: simulate a crash after this many steps
+        self.total_steps = settings.epochs * schedule.steps_per_epoch
+        self.wrapped: nn.Module = self.module
+        if runtime.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        fused = runtime.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, settings.weight_decay), lr=settings.lr, fused=fused or None
+        )
+        warmup = int(settings.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: linear_warmup_decay(s, self.total_steps, warmup)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.use_scaler else None
+        self.best: dict[str, Selection] = {}
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.resume_dir / "state.pt"
+
+    def _best_path(self, step: int) -> Path:
+        return self.resume_dir / "best" / f"step-{step}.pt"
+
+    def _save_state(self) -> None:
+        if not self.runtime.is_main:
+            return
+        state = {
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+            "best": {d: (s.step, s.dev) for d, s in self.best.items()},
+            "history": self.history,
+        }
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self._state_path)
+        write_json(self.resume_dir / "status.json", {"complete": False, "fingerprint": self.fingerprint, "step": self.step})
+
+    def _try_resume(self) -> bool:
+        if not self._state_path.is_file():
+            return False
+        try:
+            state = torch.load(self._state_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a torn file from a kill mid-write: start over rather than crash
+            log.warning("ignoring unreadable resume state %s (%s)", self._state_path, err)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("resume state in %s belongs to a different configuration; starting fresh", self.resume_dir)
+            return False
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.best = {d: Selection(step=s, dev=a) for d, (s, a) in state["best"].items()}
+        self.history = list(state["history"])
+        log.info("resumed %s from step %d/%d (%s)", self.desc, self.step, self.total_steps, self.resume_dir)
+        return True
+
+    def _reset_resume_dir(self) -> None:
+        if self.runtime.is_main and self.resume_dir.exists():
+            import shutil
+
+            for child in self.resume_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def best_state(self, domain: str) -> dict[str, torch.Tensor]:
+        """The snapshot selected for ``domain`` (loaded from the resume directory)."""
+        sel = self.best[domain]
+        return torch.load(self._best_path(sel.step), map_location="cpu", weights_only=True)
+
+    def finish(self) -> None:
+        """Drop the resume data of a completed run; a rerun then starts from scratch."""
+        self.runtime.barrier()
+        if self.runtime.is_main:
+            self._reset_resume_dir()
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.resume_dir / "status.json", {"complete": True, "fingerprint": self.fingerprint, "step": self.step})
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _evaluate_and_select(self) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if self.runtime.is_main:
+            was_training = self.module.training
+            self.module.eval()
+            with torch.inference_mode(), self.runtime.autocast():
+                scores = {d: float(v) for d, v in self.evaluate(self.module).items()}
+            self.module.train(was_training)
+            avg = sum(scores.values()) / max(1, len(scores))
+            candidates = {**scores, SHARED: avg}
+            improved = [k for k in self.selection_keys
+                        if k in candidates and (k not in self.best or candidates[k] > self.best[k].dev)]
+            if improved:
+                path = self._best_path(self.step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().to("cpu").clone() for k, v in self.snapshot(self.module).items()}
+                torch.save(state, path.with_suffix(".tmp"))
+                os.replace(path.with_suffix(".tmp"), path)
+                for k in improved:
+                    self.best[k] = Selection(step=self.step, dev=candidates[k])
+                keep = {self._best_path(s.step).name for s in self.best.values()}
+                for old in path.parent.glob("step-*.pt"):
+                    if old.name not in keep:
+                        old.unlink()
+            self.history.append({"step": self.step, **{f"dev/{d}": v for d, v in scores.items()}, "dev/avg": avg})
+            pretty = " ".join(f"{d}={v:.4f}" for d, v in scores.items())
+            log.info("%s step %d/%d dev acc %s avg=%.4f", self.desc, self.step, self.total_steps, pretty, avg)
+        self.runtime.barrier()
+        return scores
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        resumed = self._try_resume()
+        if not resumed:
+            self._reset_resume_dir()
+        live = self._open_live(resumed)
+        self.module.train()
+        steps_per_epoch = self.schedule.steps_per_epoch
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.desc,
+            disable=not (self.runtime.is_main and self.engine.progress),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        device = self.runtime.device
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        running = torch.zeros((), device=device)
+        running_n = 0
+        epoch_cache: tuple[int, list[Step]] | None = None
+        try:
+            while self.step < self.total_steps:
+                epoch, within = divmod(self.step, steps_per_epoch)
+                if epoch_cache is None or epoch_cache[0] != epoch:
+                    epoch_cache = (epoch, self.schedule.epoch(epoch))
+                batch = self.make_batch(epoch_cache[1][within])
+                with self.runtime.autocast():
+                    loss, logs = self.wrapped(batch)
+                self._backward_and_step(loss)
+                self.step += 1
+                bar.update(1)
+                detached = loss.detach().float()
+                # Record the first non-finite step on-device: no host sync on the hot path.
+                first_bad = torch.where((~torch.isfinite(detached)) & (first_bad < 0), self.step, first_bad)
+                running += torch.nan_to_num(detached)
+                running_n += 1
+                at_eval = self.step % self.settings.eval_every == 0 or self.step == self.total_steps
+                if self.step % self.engine.log_every == 0 or at_eval:
+                    self._check_finite(first_bad)
+                    mean_loss = float(running) / running_n
+                    running.zero_()
+                    running_n = 0
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+                    if live is not None:
+                        live.step = self.step
+                        live.log_metric("train/loss", mean_loss)
+                        live.log_metric("train/lr", self.scheduler.get_last_lr()[0])
+                        for name, value in logs.items():
+                            live.log_metric(f"train/{name}", float(value))
+                if at_eval:
+                    scores = self._evaluate_and_select()
+                    if live is not None and scores:
+                        live.step = self.step
+                        for d, v in scores.items():
+                            live.log_metric(f"dev/{d}/acc", v)
+                        live.log_metric("dev/avg/acc", sum(scores.values()) / len(scores))
+                        live.make_summary()
+                    self._save_state()
+                if self.stop_at_step is not None and self.step >= self.stop_at_step:
+                    raise KeyboardInterrupt(f"simulated interruption at step {self.step}")
+        finally:
+            bar.close()
+            if live is not None:
+                live.end()
+        return TrainResult(best=dict(self.best), steps=self.step, history=list(self.history))
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if self.settings.max_grad_norm:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.settings.max_grad_norm:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.max_grad_norm)
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            epoch = (bad - 1) // self.schedule.steps_per_epoch + 1
+            raise NonFiniteLoss(
+                f"{self.desc}: the loss became NaN/inf at step {bad} (epoch {epoch}); stopped without saving it. "
+                f"Lower the learning rate (now {self.settings.lr:g}) or check the inputs; "
+                f"the last good checkpoint is in {self.resume_dir}"
+            )
+
+    def _open_live(self, resumed: bool):
+        if self.live_dir is None or not self.runtime.is_main:
+            return None
+        from dvclive import Live
+
+        return Live(dir=str(self.live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def accuracy(predictions: Iterable[torch.Tensor], labels: Iterable[torch.Tensor]) -> float:
+    correct = total = 0
+    for p, y in zip(predictions, labels):
+        correct += int((p == y).sum())
+        total += int(y.numel())
+    return correct / total if total else math.nan

@@ -1,0 +1,186 @@
+"""The four teacher kinds of section 3.2 (Tables 2-3) on top of the shared engine.
+
+* ``single`` - one model per domain, trained on that domain only (BERT_B-single);
+* ``mix``    - one model, one head, all domains pooled and shuffled (BERT_B-mix);
+* ``mtl``    - shared encoder, per-domain heads, each batch from one domain, domains visited in
+               proportion to their size (BERT_B-mtl, MT-DNN);
+* ``hrkd``   - shared encoder, per-domain heads, every step one batch from every domain with
+               their losses summed (HRKD-teacher, section 2.1).
+
+Every kind ends with one selected checkpoint per domain (best dev accuracy, as the authors
+select) saved as a plain ``BertForSequenceClassification`` directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrkd.config import Params, TrainSettings
+from hrkd.data.loading import Batch, Schedule, TaskSplits, collate, eval_batches
+from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
+from hrkd.io import atomic_dir, write_json
+
+log = logging.getLogger("hrkd.teachers")
+
+MULTI_HEAD = {"single": False, "mix": False, "mtl": True, "hrkd": True}
+SCHEDULE = {"single": "single", "mix": "mix", "mtl": "mtl", "hrkd": "parallel"}
+
+
+def per_domain_summed_ce(logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """Sum over domains of each domain's mean cross-entropy (section 2.1: optimise domains simultaneously)."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    sums = torch.zeros(num_domains, device=ce.device).index_add_(0, domain_ids, ce)
+    counts = torch.bincount(domain_ids, minlength=num_domains).clamp(min=1)
+    present = torch.bincount(domain_ids, minlength=num_domains) > 0
+    return (sums / counts)[present].sum()
+
+
+class ClassifierObjective(nn.Module):
+    """Supervised fine-tuning loss of a (multi-head) classifier; the engine's trainable module."""
+
+    def __init__(self, model: nn.Module, num_domains: int, multi_head: bool, sum_domains: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.num_domains = num_domains
+        self.multi_head = multi_head
+        self.sum_domains = sum_domains
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.model(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.token_type_ids,
+            domain=batch.domain_ids if self.multi_head else None,
+        )
+        if self.sum_domains:
+            return per_domain_summed_ce(out.logits, batch.labels, batch.domain_ids, self.num_domains), {}
+        return F.cross_entropy(out.logits.float(), batch.labels), {}
+
+
+@torch.inference_mode()
+def domain_accuracy(model: nn.Module, task: TaskSplits, split: str, domain: int, batch_size: int,
+                    runtime: Runtime, multi_head: bool) -> float:
+    correct = total = 0
+    for batch in eval_batches(task, split, domain, batch_size):
+        batch = batch.to(runtime.device)
+        with runtime.autocast():
+            logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                           domain=domain if multi_head else None).logits
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+        total += len(batch)
+    return correct / total if total else float("nan")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    out: Path
+    metrics: Path
+    live: Path | None
+    resume: Path
+
+
+def train_teacher(
+    *,
+    kind: str,
+    task: TaskSplits,
+    params: Params,
+    pretrained: Path,
+    tokenizer: Any,
+    runtime: Runtime,
+    paths: RunPaths,
+    settings: TrainSettings | None = None,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Train one teacher kind on ``task`` and write per-domain checkpoints plus metrics."""
+    from hrkd.models import MultiDomainBert, save_domain_classifier
+
+    settings = settings or params.active.teacher
+    multi = MULTI_HEAD[kind]
+    D = len(task.domains)
+    selected: dict[str, dict[str, Any]] = {}
+    # Only the main process writes; the staging folder replaces paths.out once everything is saved.
+    staging = atomic_dir(paths.out) if runtime.is_main else contextlib.nullcontext(None)
+    with staging as tmp:
+        # single trains one model per domain; the other kinds train one model over all domains.
+        runs = [(d, [d]) for d in range(D)] if kind == "single" else [(None, list(range(D)))]
+        for run_domain, eval_domains in runs:
+            tag = task.domains[run_domain] if run_domain is not None else None
+            seed_everything(params.teacher.seed)
+            model = MultiDomainBert.from_pretrained(pretrained, num_labels=len(task.labels),
+                                                    domains=task.domains if multi else None)
+            objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd")
+            schedule = Schedule(kind=SCHEDULE[kind], sizes=tuple(task.sizes("train")),
+                                batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0)
+
+            def make_batch(step, _device=runtime.device):
+                return collate(task, "train", step).to(_device)
+
+            def evaluate(module, _eval=tuple(eval_domains)):
+                return {task.domains[d]: domain_accuracy(module.model, task, "dev", d, settings.eval_batch_size,
+                                                         runtime, multi) for d in _eval}
+
+            sub = (lambda p: p / tag) if tag else (lambda p: p)
+            config = {"kind": kind, "task": task.name, "domain": tag, "settings": settings.model_dump(),
+                      "seed": params.teacher.seed, "sizes": task.sizes("train"),
+                      "max_seq_len": params.active.max_seq_len, "pretrained": str(pretrained), "world": runtime.world}
+            trainer = Trainer(
+                module=objective, make_batch=make_batch, schedule=schedule, settings=settings, runtime=runtime,
+                engine=params.engine, evaluate=evaluate, domains=[task.domains[d] for d in eval_domains],
+                resume_dir=sub(paths.resume), live_dir=sub(paths.live) if paths.live else None, config=config,
+                find_unused_parameters=kind == "mtl", stop_at_step=stop_at_step, select_average=kind != "single",
+                desc=f"teacher {task.name}/{kind}" + (f"/{tag}" if tag else ""),
+            )
+            result = trainer.fit()
+            if runtime.is_main:
+                for d in eval_domains:
+                    name = task.domains[d]
+                    objective.load_state_dict(trainer.best_state(name))
+                    test = domain_accuracy(model, task, "test", d, settings.eval_batch_size, runtime, multi)
+                    sel = result.best[name]
+                    selected[name] = {"dev": sel.dev, "test": test, "step": sel.step}
+                    save_domain_classifier(
+                        model, d if multi else 0, tmp / name, tokenizer=tokenizer, labels=task.labels,
+                        metadata={"role": "teacher", "kind": kind, "task": task.name, "domain": name,
+                                  "selected_step": sel.step, "dev_accuracy": sel.dev, "test_accuracy": test,
+                                  "settings": settings.model_dump(), "seed": params.teacher.seed,
+                                  "max_seq_len": params.active.max_seq_len},
+                    )
+                if kind != "single":
+                    # The documented alternative to per-domain selection: one checkpoint for all domains.
+                    objective.load_state_dict(trainer.best_state(SHARED))
+                    for d, name in enumerate(task.domains):
+                        save_domain_classifier(
+                            model, d if multi else 0, tmp / SHARED / name, tokenizer=tokenizer, labels=task.labels,
+                            metadata={"role": "teacher", "kind": kind, "task": task.name, "domain": name,
+                                      "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
+                                      "dev_average": result.best[SHARED].dev, "seed": params.teacher.seed},
+                        )
+            trainer.finish()
+        if not runtime.is_main:
+            return {}
+        metrics = _summarise(selected, task.domains)
+        write_json(tmp / "teacher.json", {"kind": kind, "task": task.name, "domains": task.domains,
+                                          "labels": task.labels, "metrics": metrics})
+    write_json(paths.metrics, metrics)
+    log.info("teacher %s/%s test accuracy: %s", task.name, kind,
+             " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
+    return metrics
+
+
+def _summarise(selected: dict[str, dict[str, Any]], domains: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"dev": {}, "test": {}, "step": {}}
+    for d in domains:
+        out["dev"][d] = round(selected[d]["dev"], 6)
+        out["test"][d] = round(selected[d]["test"], 6)
+        out["step"][d] = selected[d]["step"]
+    for split in ("dev", "test"):
+        out[split]["average"] = round(sum(out[split][d] for d in domains) / len(domains), 6)
+    return out

@@ -1,0 +1,56 @@
+"""DVC stage train_teacher: fine-tune one teacher kind (single | mix | mtl | hrkd) on one task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hrkd.cli import stage
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+@stage
+def main(
+    task: str = typer.Option(..., help="Task name from params.yaml `tasks` (mnli, amazon, ...)."),
+    kind: str = typer.Option(..., help="Teacher kind: single, mix, mtl or hrkd."),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="Parameters file."),
+    data: Optional[Path] = typer.Option(None, help="Prepared task folder [data/prepared/<task>]."),
+    pretrained: Path = typer.Option(Path("models/pretrained/teacher"), help="Teacher encoder + tokenizer."),
+    out: Optional[Path] = typer.Option(None, help="Output folder [models/teachers/<task>/<kind>]."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics JSON [metrics/teachers/<task>-<kind>.json]."),
+    live: Optional[Path] = typer.Option(None, help="DVCLive folder [runs/live/teachers/<task>-<kind>]."),
+    resume: Optional[Path] = typer.Option(None, help="Resume folder [runs/resume/teachers/<task>-<kind>]."),
+) -> None:
+    from hrkd.config import load_params
+    from hrkd.engine import maybe_relaunch, setup_runtime
+    from hrkd.errors import HRKDError
+    from hrkd.teachers import MULTI_HEAD, RunPaths, train_teacher
+
+    params = load_params(params_file)
+    params.task(task)
+    if kind not in MULTI_HEAD:
+        raise HRKDError(f"unknown teacher kind '{kind}': choose one of {sorted(MULTI_HEAD)}")
+    maybe_relaunch(params.engine.nproc)
+    tag = f"{task}-{kind}"
+    paths = RunPaths(
+        out=out or Path("models/teachers") / task / kind,
+        metrics=metrics or Path("metrics/teachers") / f"{tag}.json",
+        live=live or Path("runs/live/teachers") / tag,
+        resume=resume or Path("runs/resume/teachers") / tag,
+    )
+    from hrkd.data.loading import load_task
+    from hrkd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(pretrained)
+    runtime = setup_runtime(params.engine)
+    task_data = load_task(data or Path("data/prepared") / task, tokenizer, params.active.max_seq_len)
+    train_teacher(kind=kind, task=task_data, params=params, pretrained=pretrained, tokenizer=tokenizer,
+                  runtime=runtime, paths=paths)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,236 @@
+"""Engine tests: schedules, LR schedule, determinism, resume, NaN guard, DDP parity (toy model)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hrkd.config import Engine, TrainSettings
+from hrkd.data.loading import EncodedSplit, Schedule, TaskSplits, collate, shard
+from hrkd.engine import NonFiniteLoss, Runtime, Trainer, linear_warmup_decay, seed_everything
+from hrkd.teachers import per_domain_summed_ce
+
+ENGINE = Engine(progress=False, log_every=2)
+
+
+def toy_task(sizes=(12, 7, 9), vocab=20, length=6, seed=0) -> TaskSplits:
+    g = torch.Generator().manual_seed(seed)
+    splits = {}
+    domains = [f"d{i}" for i in range(len(sizes))]
+    for d, n in zip(domains, sizes):
+        splits[d] = {}
+        for split, m in (("train", n), ("dev", 5), ("test", 5)):
+            ids = torch.randint(1, vocab, (m, length), generator=g, dtype=torch.int32)
+            labels = (ids[:, 0] % 2).long()  # learnable: label is the parity of the first token
+            splits[d][split] = EncodedSplit(ids, torch.zeros_like(ids, dtype=torch.int8),
+                                            torch.full((m,), length, dtype=torch.int32), labels)
+    return TaskSplits(name="toy", labels=["a", "b"], domains=domains, splits=splits)
+
+
+class Toy(nn.Module):
+    def __init__(self, vocab=20, dim=8, domains=3, nan_at: int | None = None):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(vocab, dim)
+        self.drop = nn.Dropout(0.2)  # makes RNG state part of what resume must restore
+        self.heads = nn.ModuleList(nn.Linear(dim, 2) for _ in range(domains))
+        self.calls = 0
+        self.nan_at = nan_at
+        self.num_domains = domains
+
+    def logits(self, batch):
+        h = self.drop(self.emb(batch.input_ids))
+        all_heads = torch.stack([head(h) for head in self.heads], 1)  # [B, D, C]
+        return all_heads[torch.arange(len(h)), batch.domain_ids]
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = per_domain_summed_ce(self.logits(batch), batch.labels, batch.domain_ids, self.num_domains)
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"calls": torch.tensor(float(self.calls))}
+
+
+def make_trainer(task, tmp_path, module=None, settings=None, **kw) -> Trainer:
+    seed_everything(0)
+    module = module or Toy()
+    settings = settings or TrainSettings(epochs=3, batch_size=4, lr=0.05, eval_every=5, eval_batch_size=8)
+
+    def evaluate(m):
+        out = {}
+        for i, d in enumerate(task.domains):
+            b = collate(task, "dev", [(i, torch.arange(5))])
+            out[d] = float((m.logits(b).argmax(-1) == b.labels).float().mean())
+        return out
+
+    return Trainer(
+        module=module, make_batch=lambda step: collate(task, "train", step),
+        schedule=Schedule("parallel", tuple(task.sizes("train")), settings.batch_size, seed=3),
+        settings=settings, runtime=Runtime(device=torch.device("cpu")), engine=ENGINE, evaluate=evaluate,
+        domains=task.domains, resume_dir=tmp_path / "resume", config={"toy": 1}, **kw,
+    )
+
+
+# -- schedules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mix", "mtl"])
+def test_pooled_schedules_visit_every_row_once_per_epoch(kind):
+    sched = Schedule(kind, (10, 3, 7), batch_size=4, seed=1)
+    steps = sched.epoch(0)
+    assert len(steps) == sched.steps_per_epoch == {"mix": 5, "mtl": 3 + 1 + 2}[kind]
+    seen = sorted((d, int(i)) for step in steps for d, idx in step for i in idx)
+    assert seen == sorted((d, i) for d, n in enumerate((10, 3, 7)) for i in range(n))
+    if kind == "mtl":
+        assert all(len(step) == 1 for step in steps)  # one domain per batch
+
+
+def test_single_schedule_and_determinism():
+    sched = Schedule("single", (10, 3), batch_size=4, seed=1, domain=1)
+    assert sched.steps_per_epoch == 1
+    assert sorted(sched.epoch(0)[0][0][1].tolist()) == [0, 1, 2]
+    a = Schedule("mix", (10, 3, 7), 4, seed=5)
+    assert all(torch.equal(x[0][1], y[0][1]) for x, y in zip(a.epoch(2), a.epoch(2)))
+    assert any(not torch.equal(x[0][1], y[0][1]) for x, y in zip(a.epoch(0), a.epoch(1)))
+
+
+def test_parallel_schedule_takes_one_batch_of_every_domain_per_step():
+    sched = Schedule("parallel", (10, 3, 7), batch_size=4, seed=1)
+    steps = sched.epoch(0)
+    assert len(steps) == 3  # ceil(10 / 4): the largest domain is covered once
+    for step in steps:
+        assert [d for d, _ in step] == [0, 1, 2]
+        assert [len(idx) for _, idx in step] == [4, 3, 4]  # domain 1 has fewer rows than a batch
+    largest = sorted(int(i) for step in steps for i in step[0][1])
+    assert set(largest) == set(range(10)) and len(largest) == 12  # wraps into a fresh permutation
+
+
+def test_shard_splits_groups_contiguously():
+    step = [(0, torch.arange(8)), (2, torch.arange(6))]
+    parts = [shard(step, r, 2) for r in range(2)]
+    assert [idx.tolist() for _, idx in parts[0]] == [[0, 1, 2, 3], [0, 1, 2]]
+    assert [idx.tolist() for _, idx in parts[1]] == [[4, 5, 6, 7], [3, 4, 5]]
+
+
+def test_linear_warmup_decay_by_hand():
+    # total 10, warmup 2: 0, 0.5, 1 then (10-s)/8
+    assert [linear_warmup_decay(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_per_domain_summed_ce_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    dom = torch.tensor([0, 0, 2])
+    ln2 = torch.log(torch.tensor(2.0))
+    expected = ln2 + torch.log1p(torch.exp(torch.tensor(-2.0)))  # mean of domain 0 + domain 2; domain 1 absent
+    assert torch.allclose(per_domain_summed_ce(logits, labels, dom, 3), expected)
+
+
+# -- trainer ------------------------------------------------------------------------------------
+
+
+def _final_params(trainer):
+    return {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+
+def test_training_learns_and_is_deterministic(tmp_path):
+    task = toy_task()
+    r1 = make_trainer(task, tmp_path / "a").fit()
+    t2 = make_trainer(task, tmp_path / "b")
+    r2 = t2.fit()
+    assert r1.history == r2.history
+    assert r1.steps == 3 * 3
+    assert set(r1.best) == set(task.domains)
+    assert all((tmp_path / "b" / "resume" / "best" / f"step-{s.step}.pt").is_file() for s in r2.best.values())
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    task = toy_task()
+    full = make_trainer(task, tmp_path / "full")
+    full_result = full.fit()
+    expected = _final_params(full)
+
+    crashed = make_trainer(task, tmp_path / "run", stop_at_step=7)  # state saved at step 5
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    resumed = make_trainer(task, tmp_path / "run")
+    result = resumed.fit()
+    assert result.history == full_result.history
+    for k, v in _final_params(resumed).items():
+        assert torch.equal(v, expected[k]), k
+    resumed.finish()
+    assert not (tmp_path / "run" / "resume" / "state.pt").exists()
+
+
+def test_resume_state_of_another_configuration_is_ignored(tmp_path):
+    task = toy_task()
+    crashed = make_trainer(task, tmp_path, stop_at_step=5)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    other = make_trainer(task, tmp_path, settings=TrainSettings(epochs=2, batch_size=4, lr=0.01, eval_every=5))
+    assert other.fit().steps == 6  # started from scratch, not from step 5
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    task = toy_task()
+    trainer = make_trainer(task, tmp_path, module=Toy(nan_at=3))
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        trainer.fit()
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from test_engine import toy_task, Toy, ENGINE
+    from hrkd.config import TrainSettings
+    from hrkd.data.loading import Schedule, collate, shard
+    from hrkd.engine import Trainer, setup_runtime, seed_everything
+    rt = setup_runtime(ENGINE)
+    task = toy_task()
+    seed_everything(0)
+    module = Toy()
+    module.drop.p = 0.0  # dropout masks differ with the batch shape; compare the maths only
+    settings = TrainSettings(epochs=2, batch_size=4, lr=0.05, eval_every=100, max_grad_norm=None)
+    trainer = Trainer(module=module, make_batch=lambda s: collate(task, "train", shard(s, rt.rank, rt.world)),
+                      schedule=Schedule("parallel", tuple(task.sizes("train")), 4, seed=3), settings=settings,
+                      runtime=rt, engine=ENGINE, evaluate=lambda m: {}, domains=task.domains,
+                      resume_dir=os.environ["OUT"] + "/resume", config={})
+    trainer.fit()
+    if rt.rank == 0:
+        torch.save(module.state_dict(), os.environ["OUT"] + "/params.pt")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        env = {**os.environ, "TESTS_DIR": str(Path(__file__).parent), "OUT": str(out), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = torch.load(out / "params.pt")
+    for k in results[1]:
+        assert torch.allclose(results[1][k], results[2][k], atol=1e-5), k
