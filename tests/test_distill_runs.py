@@ -174,14 +174,14 @@ def test_cli_runs_a_stage_with_its_default_layout(world, tmp_path, monkeypatch):
     raw["profiles"]["demo"]["max_seq_len"] = 16
     raw["profiles"]["demo"]["student"].update(epochs=1, batch_size=4, eval_every=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    from hrkd.data.format import TaskMeta, make_frame, write_task
+
     texts = ["the cat sat on the mat", "a very good film", "the plot was not fun", "dull book", "great dog"]
-    for d in DOMAINS:
-        for split in ("train", "dev", "test"):
-            (tmp_path / "data" / "prepared" / "amazon" / d).mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"text": texts, "text_pair": [None] * 5, "label": [0, 1, 0, 0, 1]}).to_parquet(
-                tmp_path / "data" / "prepared" / "amazon" / d / f"{split}.parquet")
-    write_json(tmp_path / "data" / "prepared" / "amazon" / "meta.json",
-               {"task": "amazon", "domains": DOMAINS, "labels": LABELS})
+    frame = make_frame([f"u{i}" for i in range(5)], texts, None, [0, 1, 0, 0, 1])
+    meta = TaskMeta(task="amazon", kind="amazon", labels=tuple(LABELS), domains=tuple(DOMAINS), text_pair=False,
+                    source="test", profile="demo")
+    write_task(tmp_path / "data" / "prepared" / "amazon", meta,
+               {d: {split: frame for split in ("train", "dev", "test")} for d in DOMAINS})
     monkeypatch.chdir(tmp_path)
     teachers = world["teachers"].parent
     result = CliRunner().invoke(cli.app, ["--task", "amazon", "--method", "no-domain-rel", "--seed", "3",
