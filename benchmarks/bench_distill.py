@@ -15,14 +15,16 @@ multi-domain-kd; the target is <= 10 %).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import platform
-import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bert, device_name, now, peak_memory, reset_peak, sync  # noqa: E402
 
 log = logging.getLogger("bench_distill")
 
@@ -32,15 +34,6 @@ DIMS = {
     "tiny": {"teacher": (4, 48, 4, 96), "student": (2, 32, 4, 64), "domains": 3, "per_domain": 4, "seq": 32,
              "vocab": 100},
 }
-
-
-def bert(shape: tuple[int, int, int, int], vocab: int, seq: int, seed: int):
-    from transformers import BertConfig, BertModel
-
-    layers, hidden, heads, ffn = shape
-    torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max(512, seq)))
 
 
 def build(method: str, cfg: dict, shared_teacher: bool, device: torch.device):
@@ -90,9 +83,7 @@ def bench(method: str, cfg: dict, args, runtime) -> dict:
     obj = build(method, cfg, args.shared_teacher, device)
     db = make_batch(cfg, device)
     opt = torch.optim.AdamW(param_groups(obj, 0.01), lr=1e-4, fused=device.type == "cuda" or None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -101,18 +92,12 @@ def bench(method: str, cfg: dict, args, runtime) -> dict:
             loss, _ = obj(db)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     rows = cfg["domains"] * cfg["per_domain"]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        kind = "cuda_max_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; process-wide high-water mark
-        kind = "ru_maxrss"
+    peak, kind = peak_memory(device)
     result = {"examples_per_s": round(rows / step_s, 2), "step_ms": round(1000 * step_s, 2),
               "peak_mem_mib": round(peak, 1), "memory": kind, "final_loss": round(float(loss.detach()), 5)}
     del obj, opt
@@ -142,7 +127,6 @@ def main() -> None:
         parser.error(f"unknown or single-domain method(s) {unknown}; choose from {[m for m in METHODS if m != 'tinybert-kd']}")
     runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
     cfg = DIMS[args.dims]
-    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
     results = {m: bench(m, cfg, args, runtime) for m in methods}
 
     log.info("%-18s %12s %10s %12s", "method", "examples/s", "step ms", "peak MiB")
@@ -153,8 +137,7 @@ def main() -> None:
         overhead = round(100 * (results["hrkd"]["step_ms"] / results["multi-domain-kd"]["step_ms"] - 1), 2)
         log.info("HRKD overhead over multi-domain-kd: %+.1f %% of step time (target <= 10 %%)", overhead)
     print(json.dumps({
-        "bench": "distill", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name, "torch": torch.__version__,
+        "bench": "distill", "date": now(), "device": device_name(runtime.device), "torch": torch.__version__,
         "precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
         "config": {"dims": args.dims, **cfg, "steps": args.steps, "warmup": args.warmup,
                    "shared_teacher": args.shared_teacher},

@@ -105,6 +105,8 @@ def train_teacher(
     settings = settings or params.active.teacher
     multi = MULTI_HEAD[kind]
     D = len(task.domains)
+    # Written only when distillation will read it: at paper scale it doubles the teacher's disk use.
+    save_shared = kind != "single" and params.distill.teacher_checkpoint == "shared"
     selected: dict[str, dict[str, Any]] = {}
     # Only the main process writes; the staging folder replaces paths.out once everything is saved.
     staging = atomic_dir(paths.out) if runtime.is_main else contextlib.nullcontext(None)
@@ -135,7 +137,7 @@ def train_teacher(
                 module=objective, make_batch=make_batch, schedule=schedule, settings=settings, runtime=runtime,
                 engine=params.engine, evaluate=evaluate, domains=[task.domains[d] for d in eval_domains],
                 resume_dir=sub(paths.resume), live_dir=sub(paths.live) if paths.live else None, config=config,
-                find_unused_parameters=kind == "mtl", stop_at_step=stop_at_step, select_average=kind != "single",
+                find_unused_parameters=kind == "mtl", stop_at_step=stop_at_step, select_average=save_shared,
                 desc=f"teacher {task.name}/{kind}" + (f"/{tag}" if tag else ""),
             )
             result = trainer.fit()
@@ -153,7 +155,7 @@ def train_teacher(
                                   "settings": settings.model_dump(), "seed": params.teacher.seed,
                                   "max_seq_len": params.active.max_seq_len},
                     )
-                if kind != "single":
+                if save_shared:
                     # The documented alternative to per-domain selection: one checkpoint for all domains.
                     objective.load_state_dict(trainer.best_state(SHARED))
                     for d, name in enumerate(task.domains):
