@@ -156,6 +156,8 @@ class TrainSettings(Section):
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0.0)] = 5e-5
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    # linear: warmup then linear decay to 0 (BERT); constant: warmup then flat (Meta-KD stage A).
+    lr_schedule: Literal["linear", "constant"] = "linear"
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
     # Dev evaluation (and checkpoint) every this many optimiser steps, and at the end.

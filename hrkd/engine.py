@@ -161,6 +161,14 @@ def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def warmup_constant(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then constant."""
+    return step / max(1, warmup) if step < warmup else 1.0
+
+
+LR_SCHEDULES = {"linear": linear_warmup_decay, "constant": warmup_constant}
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +251,8 @@ class Trainer:
             param_groups(self.module, settings.weight_decay), lr=settings.lr, fused=fused or None
         )
         warmup = int(settings.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: linear_warmup_decay(s, self.total_steps, warmup)
-        )
+        shape = LR_SCHEDULES[settings.lr_schedule]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: shape(s, self.total_steps, warmup))
         self.scaler = torch.amp.GradScaler("cuda") if runtime.use_scaler else None
         self.best: dict[str, Selection] = {}
         self.history: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ from torch import nn
 
 from hrkd.config import Engine, TrainSettings
 from hrkd.data.loading import EncodedSplit, Schedule, TaskSplits, collate, shard
-from hrkd.engine import NonFiniteLoss, Runtime, Trainer, linear_warmup_decay, seed_everything
+from hrkd.engine import NonFiniteLoss, Runtime, Trainer, linear_warmup_decay, seed_everything, warmup_constant
 from hrkd.teachers import per_domain_summed_ce
 
 ENGINE = Engine(progress=False, log_every=2)
@@ -122,6 +122,15 @@ def test_shard_splits_groups_contiguously():
 def test_linear_warmup_decay_by_hand():
     # total 10, warmup 2: 0, 0.5, 1 then (10-s)/8
     assert [linear_warmup_decay(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert [warmup_constant(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_trainer_follows_the_configured_lr_schedule(tmp_path):
+    task = toy_task()
+    settings = TrainSettings(epochs=1, batch_size=4, lr=0.1, warmup_ratio=0.0, lr_schedule="constant", eval_every=50)
+    trainer = make_trainer(task, tmp_path, settings=settings)
+    trainer.fit()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.1)  # linear would have decayed to 0
 
 
 def test_per_domain_summed_ce_by_hand():
