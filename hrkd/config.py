@@ -109,6 +109,9 @@ class FewShot(Section):
     rates: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
         default_factory=lambda: [0.02, 0.05, 0.1, 0.2], min_length=1
     )
+    # Seeds of the few-shot students (one DVC stage each per rate); separate from the top-level
+    # `seeds` so the demo can keep its CPU budget while the paper profile sets all five.
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
 
     @field_validator("rates")
     @classmethod
@@ -179,6 +182,12 @@ class Profile(Section):
     max_seq_len: Annotated[int, Field(ge=8, le=512)] = 128
     teacher: TrainSettings = TrainSettings()
     student: StudentSettings = StudentSettings()
+    # Meta-KD (docs/metakd.md). Defaults = the authors' scripts: meta-teacher lr 2e-5, 3 epochs;
+    # stage A (intermediate layers) lr 5e-5, 10 epochs, constant rate; stage B (prediction layer)
+    # lr 3e-5, 3 epochs, warmup-linear. The top-level `lr` overrides stage B's rate.
+    meta_teacher: TrainSettings = TrainSettings(lr=2e-5)
+    metakd_stage_a: TrainSettings = TrainSettings(epochs=10, lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")
+    metakd_stage_b: TrainSettings = TrainSettings(epochs=3, lr=3e-5)
     # "demo" = the tiny random BERT built by the pretrained stage from models.demo; anything else is
     # a hub id (bert-base-uncased) or a local directory holding a save_pretrained checkpoint.
     teacher_model: str = "bert-base-uncased"
@@ -204,6 +213,46 @@ TeacherKind = Literal["single", "mix", "mtl", "hrkd"]
 class Teacher(Section):
     kinds: list[TeacherKind] = Field(default_factory=lambda: ["single", "mix", "mtl", "hrkd"], min_length=1)
     seed: int = 42
+
+
+class MetaKDScores(Section):
+    """Transferability scores t_i (Meta-KD spec 1a), from the frozen pre-trained teacher encoder."""
+
+    # paper: per-class-per-domain prototypes; code: per-domain centroids (the authors' script).
+    variant: Literal["paper", "code"] = "paper"
+    alpha: Annotated[float, Field(ge=0.0)] = 0.5  # weight of the own-domain cosine
+    zeta: Annotated[float, Field(ge=0.0)] = 0.5  # weight of the other-domain cosine
+    mask_padding: bool = False  # false = E(x) averages padding too (authors' code)
+    batch_size: Annotated[int, Field(ge=1)] = 128
+
+
+class MetaKDTeacher(Section):
+    """The meta-teacher's domain branch and loss (spec 1b)."""
+
+    domain_loss_weight: Annotated[float, Field(ge=0.0)] = 0.5  # gamma1; 0 = the released Amazon script
+    sample_weights: bool = True  # weight each row's loss by t_i
+    mask_padding: bool = False  # false = h-bar averages padding too (authors' code)
+    branch_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # None = the encoder's hidden dropout
+
+
+class MetaKDDistill(Section):
+    """Meta-distillation (spec 1c)."""
+
+    # two-stage: the authors' code (stage A lambda-weighted intermediate layers, stage B prediction
+    # layer); joint: the paper's single lambda-weighted objective on stage B's schedule.
+    schedule: Literal["two-stage", "joint"] = "two-stage"
+    tkd_weight: Annotated[float, Field(ge=0.0)] = 0.5  # gamma2
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0  # of the prediction loss (original code: 1)
+    class_mean: bool = False  # true = the original soft CE that also averages over classes
+    mask_queries: bool = False  # also zero padded query rows of the attention maps
+
+
+class MetaKD(Section):
+    """Meta-KD (Pan et al., ACL 2021), the rival baseline; see docs/metakd.md."""
+
+    scores: MetaKDScores = MetaKDScores()
+    teacher: MetaKDTeacher = MetaKDTeacher()
+    distill: MetaKDDistill = MetaKDDistill()
 
 
 DistillMethod = Literal[
@@ -236,6 +285,28 @@ class Distill(Section):
     seed_offset: int = 0
 
 
+class CaseStudy(Section):
+    """Tables 5-6: ratios of the trained HRKD student on a few test examples."""
+
+    # Task of the case study (the paper uses Amazon); the report falls back to the first task in
+    # `tasks` when this one is not prepared (e.g. a custom-data run), and says so.
+    task: str = "amazon"
+    # Case k takes the k-th test row of every domain (first rows, not hand-picked).
+    examples: Annotated[int, Field(ge=1, le=20)] = 2
+
+
+class Report(Section):
+    """The report stage (tables, significance, figures); changes no training run."""
+
+    # Significance level of the paired t-test of HRKD vs its TinyBERT-KD baseline (paper: p < 0.1).
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # Fewer pairs than this and the report states "too few samples" instead of a p-value.
+    min_pairs: Annotated[int, Field(ge=2)] = 3
+    # Decimals of accuracies (%) in the tables (the paper prints 1).
+    decimals: Annotated[int, Field(ge=0, le=4)] = 1
+    case_study: CaseStudy = CaseStudy()
+
+
 class Params(Section):
     profile: Literal["demo", "paper"] = "demo"
     lr: Annotated[float, Field(gt=0.0)] | None = None
@@ -248,6 +319,8 @@ class Params(Section):
     engine: Engine = Engine()
     teacher: Teacher = Teacher()
     distill: Distill = Distill()
+    metakd: MetaKD = MetaKD()
+    report: Report = Report()
     profiles: dict[Literal["demo", "paper"], Profile]
 
     @model_validator(mode="after")

@@ -5,7 +5,9 @@
 * ``mtl``    - shared encoder, per-domain heads, each batch from one domain, domains visited in
                proportion to their size (BERT_B-mtl, MT-DNN);
 * ``hrkd``   - shared encoder, per-domain heads, every step one batch from every domain with
-               their losses summed (HRKD-teacher, section 2.1).
+               their losses summed (HRKD-teacher, section 2.1);
+* ``meta``   - the Meta-KD meta-teacher: ``mix`` plus a domain branch and per-row transferability
+               weights (:mod:`hrkd.metakd.teacher`; its own stage, train_meta_teacher).
 
 Every kind ends with one selected checkpoint per domain (best dev accuracy, as the authors
 select) saved as a plain ``BertForSequenceClassification`` directory.
@@ -17,7 +19,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,8 @@ from hrkd.io import atomic_dir, write_json
 
 log = logging.getLogger("hrkd.teachers")
 
-MULTI_HEAD = {"single": False, "mix": False, "mtl": True, "hrkd": True}
-SCHEDULE = {"single": "single", "mix": "mix", "mtl": "mtl", "hrkd": "parallel"}
+MULTI_HEAD = {"single": False, "mix": False, "mtl": True, "hrkd": True, "meta": False}
+SCHEDULE = {"single": "single", "mix": "mix", "mtl": "mtl", "hrkd": "parallel", "meta": "mix"}
 
 
 def per_domain_summed_ce(logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
@@ -98,11 +100,17 @@ def train_teacher(
     paths: RunPaths,
     settings: TrainSettings | None = None,
     stop_at_step: int | None = None,
+    scores: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train one teacher kind on ``task`` and write per-domain checkpoints plus metrics."""
+    """Train one teacher kind on ``task`` and write per-domain checkpoints plus metrics.
+
+    ``scores``: the Meta-KD transferability scores of the training rows (kind ``meta`` only;
+    :func:`hrkd.metakd.scores.load_scores`).
+    """
     from hrkd.models import MultiDomainBert, save_domain_classifier
 
-    settings = settings or params.active.teacher
+    meta = kind == "meta"
+    settings = settings or (params.active.meta_teacher if meta else params.active.teacher)
     multi = MULTI_HEAD[kind]
     D = len(task.domains)
     # Written only when distillation will read it: at paper scale it doubles the teacher's disk use.
@@ -118,12 +126,20 @@ def train_teacher(
             seed_everything(params.teacher.seed)
             model = MultiDomainBert.from_pretrained(pretrained, num_labels=len(task.labels),
                                                     domains=task.domains if multi else None)
-            objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd")
+            if meta:
+                from hrkd.metakd.teacher import MetaTeacherObjective
+
+                objective = MetaTeacherObjective(model, task.domains, params.metakd.teacher, scores)
+            else:
+                objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd")
             schedule = Schedule(kind=SCHEDULE[kind], sizes=tuple(task.sizes("train")),
                                 batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0)
 
             def make_batch(step, _device=runtime.device):
                 return collate(task, "train", step).to(_device)
+
+            if meta:  # the batch also carries each row's t_i
+                make_batch = objective.batch_maker(task, runtime.device)
 
             def evaluate(module, _eval=tuple(eval_domains)):
                 return {task.domains[d]: domain_accuracy(module.model, task, "dev", d, settings.eval_batch_size,
@@ -133,11 +149,13 @@ def train_teacher(
             config = {"kind": kind, "task": task.name, "domain": tag, "settings": settings.model_dump(),
                       "seed": params.teacher.seed, "sizes": task.sizes("train"),
                       "max_seq_len": params.active.max_seq_len, "pretrained": str(pretrained), "world": runtime.world}
+            if meta:
+                config.update(objective.fingerprint_config())
             trainer = Trainer(
                 module=objective, make_batch=make_batch, schedule=schedule, settings=settings, runtime=runtime,
                 engine=params.engine, evaluate=evaluate, domains=[task.domains[d] for d in eval_domains],
                 resume_dir=sub(paths.resume), live_dir=sub(paths.live) if paths.live else None, config=config,
-                find_unused_parameters=kind == "mtl", stop_at_step=stop_at_step, select_average=save_shared,
+                find_unused_parameters=kind in ("mtl", "meta"), stop_at_step=stop_at_step, select_average=save_shared,
                 desc=f"teacher {task.name}/{kind}" + (f"/{tag}" if tag else ""),
             )
             result = trainer.fit()
@@ -155,6 +173,8 @@ def train_teacher(
                                   "settings": settings.model_dump(), "seed": params.teacher.seed,
                                   "max_seq_len": params.active.max_seq_len},
                     )
+                    if meta:  # meta-distillation's TKD target needs the domain branch of this checkpoint
+                        objective.save_branch(tmp / name)
                 if save_shared:
                     # The documented alternative to per-domain selection: one checkpoint for all domains.
                     objective.load_state_dict(trainer.best_state(SHARED))
@@ -165,6 +185,8 @@ def train_teacher(
                                       "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
                                       "dev_average": result.best[SHARED].dev, "seed": params.teacher.seed},
                         )
+                        if meta:
+                            objective.save_branch(tmp / SHARED / name)
             trainer.finish()
         if not runtime.is_main:
             return {}

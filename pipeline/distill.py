@@ -1,4 +1,4 @@
-"""DVC stages distill_tinybert / distill: distil one student (method x teacher kind x seed) on one task."""
+"""DVC stages distill_tinybert / distill / distill_metakd: distil one student (method x teacher kind x seed) on one task."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     task: str = typer.Option(..., help="Task name from params.yaml `tasks` (mnli, amazon, ...)."),
     method: str = typer.Option(..., help="tinybert-kd, multi-domain-kd, no-domain-rel, hrkd, no-self-attention, "
-                                         "no-comp-agg or no-hierarchical."),
-    teacher: str = typer.Option("hrkd", help="Teacher kind to distil from: single, mix, mtl or hrkd."),
+                                         "no-comp-agg, no-hierarchical, or metakd (with --teacher meta)."),
+    teacher: str = typer.Option("hrkd", help="Teacher kind to distil from: single, mix, mtl, hrkd, or meta (metakd)."),
     seed: int = typer.Option(1, help="Run seed (plus distill.seed_offset)."),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="Parameters file."),
     data: Optional[Path] = typer.Option(None, help="Prepared task folder [data/prepared/<task>]."),
@@ -29,6 +29,7 @@ def main(
     live: Optional[Path] = typer.Option(None, help="DVCLive folder [runs/live/students/<task>-<run>-<seed>]."),
     resume: Optional[Path] = typer.Option(None, help="Resume folder [runs/resume/students/<task>-<run>-<seed>]."),
     fewshot: bool = typer.Option(False, "--fewshot", help="Few-shot run: use the few-shot student learning rate."),
+    scores: Optional[Path] = typer.Option(None, help="Meta-KD transferability scores, metakd only [data/metakd/<task>]."),
 ) -> None:
     from hrkd.config import load_params
     from hrkd.distill import distill_student, run_name
@@ -51,10 +52,16 @@ def main(
 
     tokenizer = load_tokenizer(pretrained, setting="--pretrained")
     runtime = setup_runtime(params.engine)
-    task_data = load_task(data or Path("data/prepared") / task, tokenizer, params.active.max_seq_len)
+    data_dir = data or Path("data/prepared") / task
+    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
+    row_scores = None
+    if method == "metakd":
+        from hrkd.metakd.scores import load_scores
+
+        row_scores = load_scores(scores or Path("data/metakd") / task, data_dir, task_data)
     distill_student(method=method, teacher_kind=teacher, task=task_data, params=params, seed=seed,
                     teacher_dir=(teachers or Path("models/teachers") / task) / teacher, pretrained_student=pretrained,
-                    tokenizer=tokenizer, runtime=runtime, paths=paths, fewshot=fewshot)
+                    tokenizer=tokenizer, runtime=runtime, paths=paths, fewshot=fewshot, scores=row_scores)
 
 
 if __name__ == "__main__":

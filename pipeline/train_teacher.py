@@ -1,4 +1,4 @@
-"""DVC stage train_teacher: fine-tune one teacher kind (single | mix | mtl | hrkd) on one task."""
+"""DVC stages train_teacher / train_meta_teacher: fine-tune one teacher kind (single | mix | mtl | hrkd | meta) on one task."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @stage
 def main(
     task: str = typer.Option(..., help="Task name from params.yaml `tasks` (mnli, amazon, ...)."),
-    kind: str = typer.Option(..., help="Teacher kind: single, mix, mtl or hrkd."),
+    kind: str = typer.Option(..., help="Teacher kind: single, mix, mtl, hrkd or meta (the Meta-KD meta-teacher)."),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="Parameters file."),
     data: Optional[Path] = typer.Option(None, help="Prepared task folder [data/prepared/<task>]."),
     pretrained: Path = typer.Option(Path("models/pretrained/teacher"), help="Teacher encoder + tokenizer."),
@@ -24,6 +24,8 @@ def main(
     metrics: Optional[Path] = typer.Option(None, help="Metrics JSON [metrics/teachers/<task>-<kind>.json]."),
     live: Optional[Path] = typer.Option(None, help="DVCLive folder [runs/live/teachers/<task>-<kind>]."),
     resume: Optional[Path] = typer.Option(None, help="Resume folder [runs/resume/teachers/<task>-<kind>]."),
+    scores: Optional[Path] = typer.Option(None, help="Meta-KD transferability scores, kind meta only "
+                                                     "[data/metakd/<task>]."),
 ) -> None:
     from hrkd.config import load_params
     from hrkd.engine import maybe_relaunch, setup_runtime
@@ -47,9 +49,15 @@ def main(
 
     tokenizer = load_tokenizer(pretrained)
     runtime = setup_runtime(params.engine)
-    task_data = load_task(data or Path("data/prepared") / task, tokenizer, params.active.max_seq_len)
+    data_dir = data or Path("data/prepared") / task
+    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
+    row_scores = None
+    if kind == "meta" and params.metakd.teacher.sample_weights:
+        from hrkd.metakd.scores import load_scores
+
+        row_scores = load_scores(scores or Path("data/metakd") / task, data_dir, task_data)
     train_teacher(kind=kind, task=task_data, params=params, pretrained=pretrained, tokenizer=tokenizer,
-                  runtime=runtime, paths=paths)
+                  runtime=runtime, paths=paths, scores=row_scores)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 * ``multi-domain-kd`` / ``no-domain-rel`` - one student, shared encoder + per-domain heads, every
   step one batch of every domain, eq. 5 (the two names are the same computation);
 * ``hrkd`` and its ablations ``no-self-attention``, ``no-comp-agg``, ``no-hierarchical`` - the
-  same student and schedule, eq. 17 with ratios from the relational graph.
+  same student and schedule, eq. 17 with ratios from the relational graph;
+* ``metakd`` - Meta-KD (Pan et al. 2021) from the ``meta`` teacher, one student per domain
+  (:mod:`hrkd.metakd.distill`).
 
 Every run ends with one selected student per domain (best dev accuracy) saved as a plain
 ``BertForSequenceClassification`` directory under ``<out>/<domain>/``; HRKD methods also save
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -35,16 +37,25 @@ from hrkd.distill.objective import (
     teacher_checkpoints,
 )
 from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
+from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, write_json
 from hrkd.teachers import RunPaths, _summarise, domain_accuracy
 
 log = logging.getLogger("hrkd.distill")
 
 DIAGNOSTIC_KEYS = ("mean_spread", "mean_normalised_entropy", "mean_max_abs_dev")
+METAKD = "metakd"  # Meta-KD: only from the meta-teacher, run by hrkd.metakd.distill
 
 
 def run_name(method: str, teacher_kind: str) -> str:
-    """Output name of a run: ``<teacher>-tinybert-kd``; the method for HRKD-teacher students, else ``<teacher>-<method>``."""
+    """Output name of a run: ``<teacher>-tinybert-kd``; the method for HRKD-teacher students, else ``<teacher>-<method>``.
+
+    ``metakd`` (only from the ``meta`` teacher) is named ``metakd``.
+    """
+    if method == METAKD:
+        if teacher_kind != "meta":
+            raise HRKDError(f"method metakd distils from the meta-teacher: use --teacher meta (got '{teacher_kind}')")
+        return METAKD
     check_method(method, teacher_kind)
     if method == "tinybert-kd" or teacher_kind != "hrkd":
         return f"{teacher_kind}-{method}"
@@ -72,10 +83,26 @@ def distill_student(
     fewshot: bool = False,
     settings: StudentSettings | None = None,
     stop_at_step: int | None = None,
+    scores: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Distil one student (or, for tinybert-kd, one per domain) and write checkpoints plus metrics."""
+    """Distil one student (or, for tinybert-kd and metakd, one per domain) and write checkpoints plus metrics.
+
+    ``scores``: Meta-KD transferability scores of the training rows (method ``metakd`` only,
+    :func:`hrkd.metakd.scores.load_scores`); ``settings`` does not apply to it (two schedules,
+    :func:`hrkd.metakd.distill.metakd_settings`).
+    """
     from hrkd.models import MultiDomainBert, save_domain_classifier
 
+    if method == METAKD:
+        from hrkd.metakd.distill import distill_metakd
+
+        run_name(method, teacher_kind)
+        if scores is None:
+            raise HRKDError(f"metakd needs the transferability scores: run `dvc repro metakd_scores@{task.name}` "
+                            "and pass them (scores=load_scores(...))")
+        return distill_metakd(task=task, params=params, seed=seed, teacher_dir=teacher_dir,
+                              pretrained_student=pretrained_student, tokenizer=tokenizer, runtime=runtime, paths=paths,
+                              scores=scores, fewshot=fewshot, stop_at_step=stop_at_step)
     check_method(method, teacher_kind)
     settings = settings or student_settings(params, task.name, fewshot)
     distill = params.distill

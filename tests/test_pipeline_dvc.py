@@ -1,0 +1,167 @@
+"""The DVC promise without training anything: which stages a change invalidates.
+
+The repository's dvc.yaml and params.yaml are copied into a scratch DVC repository, every code
+dependency is copied in, every output is faked with a tiny file, and ``dvc commit`` records a
+dvc.lock for all of them, as if `dvc repro` had run. Then:
+
+* the pipeline is up to date (``dvc status`` is empty);
+* a report-only setting (``report.alpha``) invalidates the report stage and nothing else;
+* ``lr`` (the `dvc exp run -S lr=5e-4` of the README) invalidates every distillation stage,
+  few-shot included, and reaches the report downstream, but no data, teacher or few-shot teacher
+  stage;
+* the report reads only outputs of other stages, lists every module of hrkd/report/ it runs, and
+  the declared metrics and plots are outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# Families of stages a student-lr change must rerun / must leave alone.
+STUDENTS = {"distill", "distill_tinybert", "distill_fewshot", "distill_fewshot_tinybert"}
+UPSTREAM = {"prepare", "fewshot", "pretrained", "train_teacher", "train_teacher_fewshot"}
+
+
+def family(name: str) -> str:
+    return name.split("@", 1)[0]
+
+
+@contextlib.contextmanager
+def repo_at(root: Path):
+    """Open the scratch repository from inside it (DVC resolves stage paths against the cwd)."""
+    from dvc.repo import Repo
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with Repo(root) as repo:
+            yield repo
+    finally:
+        os.chdir(cwd)
+
+
+def fake(path: Path, content: str) -> None:
+    """A stand-in output: a small file, or a folder holding one (distinct contents per stage)."""
+    if path.suffix in (".json", ".md", ".csv", ".png", ".yaml", ".tsv"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "fake").write_text(content + "\n")
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp("dvcrepo")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    Repo.init(root, no_scm=True)
+    with repo_at(root) as repo:
+        stages = list(repo.index.stages)
+    outs = {str(Path(o.def_path)) for s in stages for o in s.outs}
+    for stage in stages:
+        for out in stage.outs:
+            fake(root / out.def_path, stage.addressing)
+    for stage in stages:
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):
+                continue
+            path = Path(dep.def_path)
+            if (root / path).exists():
+                continue
+            if any(str(path).startswith(o + "/") for o in outs):  # a part of another stage's output
+                fake(root / path, stage.addressing)
+                continue
+            src = REPO / path
+            assert src.exists(), f"{stage.addressing} depends on {path}, which is neither in the repository nor an output"
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, root / path) if src.is_dir() else shutil.copy(src, root / path)
+    with repo_at(root) as repo:
+        repo.commit(None, force=True)
+    (root / "stages.txt").write_text("\n".join(s.addressing for s in stages) + "\n")
+    return root
+
+
+def status_of(root: Path, **changes) -> set[str]:
+    """Stage names `dvc status` reports after applying dotted-key changes to params.yaml (then restored)."""
+    params = root / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        with repo_at(root) as repo:
+            return set(repo.status())
+    finally:
+        params.write_text(original)
+
+
+def test_faked_pipeline_is_up_to_date(scratch):
+    assert status_of(scratch) == set()
+
+
+def test_report_setting_reruns_only_the_report(scratch):
+    assert status_of(scratch, **{"report.alpha": 0.05, "report.case_study.examples": 3}) == {"report"}
+
+
+def test_student_lr_reruns_students_and_report_but_not_data_or_teachers(scratch):
+    changed = status_of(scratch, lr=5.0e-4)
+    families = {family(s) for s in changed}
+    assert STUDENTS <= families, f"lr must rerun every distillation family; changed: {sorted(families)}"
+    assert not families & UPSTREAM and "report" not in families
+    every = {name for name in (scratch / "stages.txt").read_text().split() if family(name) in STUDENTS}
+    assert every <= changed  # every seed, rate and method, not just some
+    # Downstream: the students rewrite their metrics files, which the report depends on, so
+    # `dvc repro` reruns it after them; nothing upstream of the students depends on the report.
+    import networkx as nx
+
+    with repo_at(scratch) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        by_name = {s.addressing: s for s in graph.nodes}
+        below_report = {s.addressing for s in nx.descendants(graph, by_name["report"])}
+    assert changed <= below_report
+
+
+def test_report_reads_only_outputs_and_lists_its_modules(scratch):
+    from dvc.dependency.param import ParamsDependency
+
+    with repo_at(scratch) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+        outs = [str(o.def_path) for s in stages.values() for o in s.outs]
+        report = stages["report"]
+        deps = [str(d.def_path) for d in report.deps if not isinstance(d, ParamsDependency)]
+    data_deps = [d for d in deps if not d.startswith(("hrkd/", "pipeline/"))]
+    for dep in data_deps:  # a parent of other stages' outputs (or one of them), never a raw input
+        assert any(o == dep or o.startswith(dep + "/") for o in outs if not o.startswith("reports")), dep
+    modules = {f"hrkd/report/{p.name}" for p in (REPO / "hrkd" / "report").glob("*.py")} - {"hrkd/report/readme.py"}
+    assert modules | {"hrkd/report/paper_values.yaml"} <= set(deps)
+    assert all(o.startswith("reports/") for o in (str(o.def_path) for o in report.outs))
+
+
+def test_declared_metrics_and_plots_are_outputs():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    text = (REPO / "dvc.yaml").read_text()
+    assert "reports/summary.json" in spec["metrics"]
+    plot_files = []
+    for entry in spec["plots"]:
+        (name, body), = entry.items() if isinstance(entry, dict) else ((entry, None),)
+        plot_files += list(body["y"]) if isinstance(body, dict) and "y" in body else [name]
+    for path in plot_files:
+        # training curves live in DVCLive folders (runs/live/...), figures in reports/figures/
+        assert path.startswith(("runs/live/", "reports/figures/")), path
+        assert path.split("/plots/")[0].rsplit("/", 1)[0] in text or path.startswith("reports/figures/")
