@@ -165,3 +165,16 @@ def test_declared_metrics_and_plots_are_outputs():
         # training curves live in DVCLive folders (runs/live/...), figures in reports/figures/
         assert path.startswith(("runs/live/", "reports/figures/")), path
         assert path.split("/plots/")[0].rsplit("/", 1)[0] in text or path.startswith("reports/figures/")
+
+
+def test_no_stage_depends_on_the_frozen_raw_import(scratch):
+    """data.dvc's archive is absent until `dvc update data.dvc`: a stage depending on it (or on a
+    folder holding it) would make a fresh clone's `dvc repro` fail, as it once did for `data/`."""
+    from dvc.dependency.param import ParamsDependency
+
+    raw = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["path"]
+    with repo_at(scratch) as repo:
+        deps = {(s.addressing, str(d.def_path)) for s in repo.index.stages for d in s.deps
+                if not isinstance(d, ParamsDependency)}
+    offending = [(stage, dep) for stage, dep in deps if raw == dep or raw.startswith(dep.rstrip("/") + "/")]
+    assert not offending, offending
