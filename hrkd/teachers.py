@@ -81,6 +81,29 @@ def domain_accuracy(model: nn.Module, task: TaskSplits, split: str, domain: int,
     return correct / total if total else float("nan")
 
 
+def save_selected(
+    *, trainer: Trainer, result, restore, model: nn.Module, task: TaskSplits, domain: int, head: int,
+    out_dir: Path, tokenizer: Any, batch_size: int, runtime: Runtime, multi_head: bool, metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Restore the checkpoint selected for ``domain``, test it, and save it as a plain classifier.
+
+    ``restore`` loads a best-state snapshot into the trained module (the snapshot's layout is the
+    method's business); returns the selection record {"dev", "test", "step"} for the metrics.
+    """
+    from hrkd.models import save_domain_classifier
+
+    name = task.domains[domain]
+    restore(trainer.best_state(name))
+    test = domain_accuracy(model, task, "test", domain, batch_size, runtime, multi_head)
+    sel = result.best[name]
+    save_domain_classifier(
+        model, head, out_dir / name, tokenizer=tokenizer, labels=task.labels,
+        metadata={**metadata, "domain": name, "selected_step": sel.step, "dev_accuracy": sel.dev,
+                  "test_accuracy": test},
+    )
+    return {"dev": sel.dev, "test": test, "step": sel.step}
+
+
 @dataclass(frozen=True)
 class RunPaths:
     out: Path
@@ -161,20 +184,16 @@ def train_teacher(
             result = trainer.fit()
             if runtime.is_main:
                 for d in eval_domains:
-                    name = task.domains[d]
-                    objective.load_state_dict(trainer.best_state(name))
-                    test = domain_accuracy(model, task, "test", d, settings.eval_batch_size, runtime, multi)
-                    sel = result.best[name]
-                    selected[name] = {"dev": sel.dev, "test": test, "step": sel.step}
-                    save_domain_classifier(
-                        model, d if multi else 0, tmp / name, tokenizer=tokenizer, labels=task.labels,
-                        metadata={"role": "teacher", "kind": kind, "task": task.name, "domain": name,
-                                  "selected_step": sel.step, "dev_accuracy": sel.dev, "test_accuracy": test,
+                    selected[task.domains[d]] = save_selected(
+                        trainer=trainer, result=result, restore=objective.load_state_dict, model=model, task=task,
+                        domain=d, head=d if multi else 0, out_dir=tmp, tokenizer=tokenizer,
+                        batch_size=settings.eval_batch_size, runtime=runtime, multi_head=multi,
+                        metadata={"role": "teacher", "kind": kind, "task": task.name,
                                   "settings": settings.model_dump(), "seed": params.teacher.seed,
                                   "max_seq_len": params.active.max_seq_len},
                     )
                     if meta:  # meta-distillation's TKD target needs the domain branch of this checkpoint
-                        objective.save_branch(tmp / name)
+                        objective.save_branch(tmp / task.domains[d])
                 if save_shared:
                     # The documented alternative to per-domain selection: one checkpoint for all domains.
                     objective.load_state_dict(trainer.best_state(SHARED))

@@ -39,7 +39,7 @@ from hrkd.distill.objective import (
 from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
 from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, write_json
-from hrkd.teachers import RunPaths, _summarise, domain_accuracy
+from hrkd.teachers import RunPaths, _summarise, domain_accuracy, save_selected
 
 log = logging.getLogger("hrkd.distill")
 
@@ -91,7 +91,7 @@ def distill_student(
     :func:`hrkd.metakd.scores.load_scores`); ``settings`` does not apply to it (two schedules,
     :func:`hrkd.metakd.distill.metakd_settings`).
     """
-    from hrkd.models import MultiDomainBert, save_domain_classifier
+    from hrkd.models import MultiDomainBert
 
     if method == METAKD:
         from hrkd.metakd.distill import distill_metakd
@@ -161,15 +161,10 @@ def distill_student(
                         "seed": seed, "fewshot": fewshot, "settings": settings.model_dump(),
                         "distill": distill.model_dump(), "max_seq_len": params.active.max_seq_len}
                 for d in domains:
-                    dname = task.domains[d]
-                    objective.load_snapshot(trainer.best_state(dname))
-                    test = domain_accuracy(student, task, "test", d, settings.eval_batch_size, runtime, multi)
-                    sel = result.best[dname]
-                    selected[dname] = {"dev": sel.dev, "test": test, "step": sel.step}
-                    save_domain_classifier(
-                        student, d if multi else 0, tmp / dname, tokenizer=tokenizer, labels=task.labels,
-                        metadata={**meta, "domain": dname, "selected_step": sel.step, "dev_accuracy": sel.dev,
-                                  "test_accuracy": test},
+                    selected[task.domains[d]] = save_selected(
+                        trainer=trainer, result=result, restore=objective.load_snapshot, model=student, task=task,
+                        domain=d, head=d if multi else 0, out_dir=tmp, tokenizer=tokenizer,
+                        batch_size=settings.eval_batch_size, runtime=runtime, multi_head=multi, metadata=meta,
                     )
                 if hrkd:
                     # One encoder + graph for the case studies: the step with the best average dev accuracy.

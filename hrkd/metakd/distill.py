@@ -196,8 +196,8 @@ def distill_metakd(
     :class:`hrkd.teachers.RunPaths`; ``settings``: (stage A, stage B), default :func:`metakd_settings`.
     """
     from hrkd.distill.objective import teacher_checkpoints
-    from hrkd.models import MultiDomainBert, save_domain_classifier
-    from hrkd.teachers import _summarise, domain_accuracy
+    from hrkd.models import MultiDomainBert
+    from hrkd.teachers import _summarise, domain_accuracy, save_selected
 
     stage_a, stage_b = settings or metakd_settings(params)
     opts = params.metakd.distill
@@ -262,18 +262,15 @@ def distill_metakd(
             )
             result = trainer.fit()
             if runtime.is_main:
-                final.load_snapshot(trainer.best_state(dname))
-                test = domain_accuracy(student, task, "test", d, stage_b.eval_batch_size, runtime, False)
-                sel = result.best[dname]
-                selected[dname] = {"dev": sel.dev, "test": test, "step": sel.step}
-                save_domain_classifier(
-                    student, 0, tmp / dname, tokenizer=tokenizer, labels=task.labels,
+                selected[dname] = save_selected(
+                    trainer=trainer, result=result, restore=final.load_snapshot, model=student, task=task,
+                    domain=d, head=0, out_dir=tmp, tokenizer=tokenizer, batch_size=stage_b.eval_batch_size,
+                    runtime=runtime, multi_head=False,
                     metadata={"role": "student", "method": METHOD, "teacher": TEACHER_KIND, "run": METHOD,
-                              "task": task.name, "seed": seed, "fewshot": fewshot, "domain": dname,
-                              "schedule": opts.schedule, "metakd": opts.model_dump(),
-                              "settings": stage_b.model_dump(), "stage_a": stage_a.model_dump() if two_stage else None,
-                              "max_seq_len": params.active.max_seq_len, "selected_step": sel.step,
-                              "dev_accuracy": sel.dev, "test_accuracy": test},
+                              "task": task.name, "seed": seed, "fewshot": fewshot, "schedule": opts.schedule,
+                              "metakd": opts.model_dump(), "settings": stage_b.model_dump(),
+                              "stage_a": stage_a.model_dump() if two_stage else None,
+                              "max_seq_len": params.active.max_seq_len},
                 )
             trainer.finish()
             if two_stage and runtime.is_main:
