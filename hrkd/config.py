@@ -30,6 +30,24 @@ class Section(BaseModel):
 
 
 Fraction01 = Annotated[float, Field(gt=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+# Profiles of params.yaml `profiles`: the generated demo, real data and checkpoints sized for a CPU,
+# and the paper's scale.
+PROFILES = ("demo", "small", "paper")
+ProfileName = Literal["demo", "small", "paper"]
+
+
+class RowCaps(Section):
+    """At most this many rows per domain of each split, the first ones of the prepared split (null = all).
+
+    For CPU-sized runs on real data: the split itself (seeded, stratified, exact counts) is made
+    first and then cut, so a cap keeps the same rows whatever the other caps are.
+    """
+
+    train: PositiveInt | None = None
+    dev: PositiveInt | None = None
+    test: PositiveInt | None = None
 
 
 class MnliData(Section):
@@ -38,6 +56,7 @@ class MnliData(Section):
     revision: str | None = None
     domains: list[str] = Field(default_factory=lambda: list(MNLI_DOMAINS), min_length=1)
     dev_fraction: Fraction01 = 0.1
+    max_rows: RowCaps = RowCaps()
 
     @field_validator("domains")
     @classmethod
@@ -52,6 +71,7 @@ class AmazonData(Section):
     domains: list[str] = Field(default_factory=lambda: list(AMAZON_DOMAINS), min_length=1)
     split_seed: int = 11111
     counts: dict[str, tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]]
+    max_rows: RowCaps = RowCaps()
 
     @field_validator("domains")
     @classmethod
@@ -81,6 +101,7 @@ class CustomData(Section):
     dev_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     seed: int = 42
+    max_rows: RowCaps = RowCaps()
 
     @model_validator(mode="after")
     def _fractions(self) -> "CustomData":
@@ -193,6 +214,18 @@ class Profile(Section):
     teacher_model: str = "bert-base-uncased"
     student_model: str = "huawei-noah/TinyBERT_General_4L_312D"
     model_revision: str | None = None
+    # Keep only the first k encoder layers of the checkpoint (embeddings and layers 0..k-1, as
+    # DistilBERT initialises its student); null = all. A student made this way shares the
+    # teacher's vocabulary and head count by construction.
+    teacher_layers: PositiveInt | None = None
+    student_layers: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _demo_has_no_layers_to_cut(self) -> "Profile":
+        for role in ("teacher", "student"):
+            if getattr(self, f"{role}_model") == "demo" and getattr(self, f"{role}_layers") is not None:
+                raise ValueError(f"{role}_layers cuts a real checkpoint; the demo BERT's depth is models.{role}.num_hidden_layers")
+        return self
 
 
 class Engine(Section):
@@ -308,7 +341,7 @@ class Report(Section):
 
 
 class Params(Section):
-    profile: Literal["demo", "paper"] = "demo"
+    profile: ProfileName = "demo"
     lr: Annotated[float, Field(gt=0.0)] | None = None
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     tasks: list[str] = Field(default_factory=lambda: ["mnli", "amazon"], min_length=1)
@@ -321,7 +354,7 @@ class Params(Section):
     distill: Distill = Distill()
     metakd: MetaKD = MetaKD()
     report: Report = Report()
-    profiles: dict[Literal["demo", "paper"], Profile]
+    profiles: dict[ProfileName, Profile]
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hrkd.config import PROFILES
 from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, read_json, write_json
 
@@ -33,7 +34,6 @@ log = logging.getLogger("hrkd.data.format")
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("mnli", "amazon", "custom")
-PROFILES = ("demo", "paper")
 COLUMNS = ("uid", "text", "text_pair", "label")
 SCHEMA = pa.schema(
     [

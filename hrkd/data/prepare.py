@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hrkd.config import AMAZON_LABELS, MNLI_LABELS, AmazonData, CustomData, MnliData, Params
+import pandas as pd
+
+from hrkd.config import AMAZON_LABELS, MNLI_LABELS, AmazonData, CustomData, MnliData, Params, RowCaps
 from hrkd.data.amazon import build_amazon
 from hrkd.data.custom import build_custom
 from hrkd.data.demo import build_demo
@@ -37,9 +39,26 @@ def prepare_task(params: Params, task: str, out_dir: str | Path) -> TaskMeta:
         splits, labels, domains, source = build_custom(cfg)
         pair = cfg.text_pair_column is not None
         meta = TaskMeta(task, "custom", tuple(labels), tuple(domains), pair, source, params.profile)
+    if not isinstance(cfg, (MnliData, AmazonData)) or params.profile != "demo":
+        splits = cap_rows(splits, cfg.max_rows, task)
     stats = write_task(out_dir, meta, splits)
     for domain in meta.domains:
         entry = stats[domain]
         log.info("%s/%s: train %d, dev %d, test %d", task, domain, entry["train"], entry["dev"], entry["test"])
     log.info("wrote %s (%s, source %s)", out_dir, meta.kind, meta.source)
     return meta
+
+
+def cap_rows(splits: dict[str, dict[str, pd.DataFrame]], caps: RowCaps, task: str) -> dict[str, dict[str, pd.DataFrame]]:
+    """Keep the first ``caps.<split>`` rows of each domain's split (``data.<task>.max_rows``)."""
+    out = {}
+    for domain, frames in splits.items():
+        out[domain] = {}
+        for split, frame in frames.items():
+            cap = getattr(caps, split)
+            if cap is not None and cap < len(frame):
+                log.info("%s/%s: keeping the first %d of %d %s rows (data.%s.max_rows.%s)",
+                         task, domain, cap, len(frame), split, task, split)
+                frame = frame.iloc[:cap].reset_index(drop=True)
+            out[domain][split] = frame
+    return out

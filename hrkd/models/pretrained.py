@@ -64,26 +64,59 @@ def load_encoder_config(source: str | os.PathLike, revision: str | None = None, 
 
 
 def load_encoder(source: str | os.PathLike, revision: str | None = None, setting: str | None = None):
+    """A BERT-family encoder (with pooler) from a hub id or a local directory, as it is saved."""
+    return load_encoder_checked(source, revision, setting)[0]
+
+
+def load_encoder_checked(source: str | os.PathLike, revision: str | None = None, setting: str | None = None,
+                         layers: int | None = None, seed: int | None = None):
     """A BERT-family encoder (with pooler) from a hub id or a local directory.
 
-    Weights the encoder does not have (TinyBERT's ``fit_denses``, MLM heads) are dropped; weights
-    it lacks are reported, since they start random.
+    ``layers`` keeps the embeddings and the first ``layers`` encoder layers (a DistilBERT-style
+    truncation). Weights the encoder does not have (TinyBERT's ``fit_denses``, MLM heads, cut
+    layers) are dropped; weights it lacks (a pooler that sentence-transformers checkpoints leave
+    out) start random from ``seed``, so the same params give the same bytes on every machine.
+    Returns ``(model, missing_keys)``.
     """
     from transformers import AutoModel
 
     source = str(source)
     config = load_encoder_config(source, revision, setting)
+    depth = int(config.num_hidden_layers)
+    if layers is not None:
+        if layers > depth:
+            raise HRKDError(f"{source} has {depth} layers, fewer than the {layers} asked for: "
+                            f"set {(setting or 'the model').replace('_model', '_layers')} to at most {depth}")
+        config.num_hidden_layers = layers
     try:
-        model, info = AutoModel.from_pretrained(source, config=config, revision=revision, output_loading_info=True)
+        # fork_rng: seeding here must not move the caller's random stream.
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model, info = AutoModel.from_pretrained(source, config=config, revision=revision, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise _load_error(source, err, setting) from None
-    if info.get("unexpected_keys"):
-        keys = sorted(info["unexpected_keys"])
-        log.info("%s: ignored %d weights the encoder has no use for (e.g. %s)", source, len(keys), keys[0])
-    if info.get("missing_keys"):
-        keys = sorted(info["missing_keys"])
-        log.warning("%s: %d encoder weights were not in the checkpoint and start random (e.g. %s)", source, len(keys), keys[0])
-    return model
+    if layers is not None and layers < depth:
+        log.info("%s: kept the embeddings and the first %d of its %d layers", source, layers, depth)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _in_cut_layer(k, layers))
+    if unexpected:
+        log.info("%s: ignored %d weights the encoder has no use for (e.g. %s)", source, len(unexpected), unexpected[0])
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        log.warning("%s: %d encoder weights were not in the checkpoint and start random from seed %s (e.g. %s)",
+                    source, len(missing), seed, missing[0])
+    return model, missing
+
+
+def _in_cut_layer(key: str, layers: int | None) -> bool:
+    """A weight of an encoder layer that a truncation to ``layers`` left out (expected, not news)."""
+    if layers is None:
+        return False
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layer" and parts[i + 1].isdigit():
+            return int(parts[i + 1]) >= layers
+    return False
 
 
 def load_tokenizer(source: str | os.PathLike, revision: str | None = None, setting: str | None = None):
@@ -186,11 +219,11 @@ def build_pretrained(params: Params, data_dir: Path, out_dir: Path) -> dict:
         demo_tokenizer = train_wordpiece(texts, params.models.vocab_size, profile.max_seq_len)
         log.info("trained a %d-token WordPiece vocabulary on %d texts", len(demo_tokenizer), len(texts))
 
-    built = {}
+    built, missing = {}, {}
     for i, (role, source) in enumerate(sources.items()):
+        # Separate seeds so resizing the teacher leaves the student's initialisation unchanged.
         if source == DEMO:
             shape: BertShape = getattr(params.models, role)
-            # Separate seeds so resizing the teacher leaves the student's initialisation unchanged.
             model = build_demo_encoder(
                 shape, len(demo_tokenizer), profile.max_seq_len, params.models.seed + i, demo_tokenizer.pad_token_id
             )
@@ -198,7 +231,8 @@ def build_pretrained(params: Params, data_dir: Path, out_dir: Path) -> dict:
         else:
             setting = f"profiles.{params.profile}.{role}_model"
             log.info("loading the %s from %s (revision %s)", role, source, revision or "default")
-            model = load_encoder(source, revision, setting)
+            model, missing[role] = load_encoder_checked(source, revision, setting, layers=getattr(profile, f"{role}_layers"),
+                                                        seed=params.models.seed + i)
             tokenizer = load_tokenizer(source, revision, setting)
         built[role] = (model, tokenizer)
     _check_compatible(built, profile.max_seq_len)
@@ -216,6 +250,9 @@ def build_pretrained(params: Params, data_dir: Path, out_dir: Path) -> dict:
             "num_hidden_layers": cfg.num_hidden_layers,
             "num_attention_heads": cfg.num_attention_heads,
             "intermediate_size": cfg.intermediate_size,
+            "layers_kept": getattr(profile, f"{role}_layers"),
+            # Weights the checkpoint lacked, initialised from models.seed + role index.
+            "seeded_weights": missing.get(role, []),
         }
     with atomic_dir(out_dir) as tmp:
         for role, (model, tokenizer) in built.items():
