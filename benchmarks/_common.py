@@ -19,6 +19,23 @@ def bert(shape: tuple[int, int, int, int], vocab: int, seq: int, seed: int):
                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max(512, seq)))
 
 
+def encoder(source: str | None, shape: tuple[int, int, int, int], vocab: int, seq: int, seed: int,
+            layers: int | None = None):
+    """A real checkpoint's encoder (``source``: local folder or hub id; its first ``layers`` kept),
+    or, without a source, a random-weight BERT of ``shape``."""
+    if source is None:
+        return bert(shape, vocab, seq, seed)
+    from hrkd.models.pretrained import load_encoder_checked
+
+    model, _ = load_encoder_checked(source, layers=layers, seed=seed)
+    return model
+
+
+def shape_of(model) -> tuple[int, int, int, int]:
+    cfg = model.config
+    return (int(cfg.num_hidden_layers), int(cfg.hidden_size), int(cfg.num_attention_heads), int(cfg.intermediate_size))
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

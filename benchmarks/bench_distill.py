@@ -3,9 +3,14 @@
 Paper dimensions (--dims paper): random-weight BERT-base teachers (12L/768/12 heads, one per
 domain unless --shared-teacher), a 4L-312D/12-head/1200-FFN student, 5 domains, 32 examples per
 domain per step, sequence length 128, random token ids; full training steps (forward, backward,
-AdamW) under the engine's autocast (bf16 on GPU). --dims tiny is a seconds-long CPU smoke check.
+AdamW) under the engine's autocast (bf16 on GPU). --dims small is the `small` profile (MiniLM-L6
+teacher, its first 3 layers as student, 4 domains x 8 rows, seq 64); --teacher/--student load real
+checkpoints (a local folder or hub id) in place of random weights, --student-layers keeps the
+student's first k layers. --dims tiny is a seconds-long CPU smoke check.
 
     python benchmarks/bench_distill.py --dims paper --device cuda
+    python benchmarks/bench_distill.py --dims small --teacher ../shared/models/all-MiniLM-L6-v2 \
+        --student ../shared/models/all-MiniLM-L6-v2 --student-layers 3
     python benchmarks/bench_distill.py --dims tiny --steps 3 --warmup 1
 
 Prints a table and one JSON line (device, config, date, results, HRKD overhead in % over
@@ -24,19 +29,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bert, device_name, now, peak_memory, reset_peak, sync  # noqa: E402
+from _common import device_name, encoder, now, peak_memory, reset_peak, shape_of, sync  # noqa: E402
 
 log = logging.getLogger("bench_distill")
 
 DIMS = {
     "paper": {"teacher": (12, 768, 12, 3072), "student": (4, 312, 12, 1200), "domains": 5, "per_domain": 32,
               "seq": 128, "vocab": 30522},
+    "small": {"teacher": (6, 384, 12, 1536), "student": (3, 384, 12, 1536), "domains": 4, "per_domain": 8,
+              "seq": 64, "vocab": 30522},
     "tiny": {"teacher": (4, 48, 4, 96), "student": (2, 32, 4, 64), "domains": 3, "per_domain": 4, "seq": 32,
              "vocab": 100},
 }
 
 
-def build(method: str, cfg: dict, shared_teacher: bool, device: torch.device):
+def build(method: str, cfg: dict, args, device: torch.device):
     from hrkd.config import Distill
     from hrkd.distill import KDObjective, TeacherGroup
     from hrkd.models import MultiDomainBert
@@ -44,20 +51,24 @@ def build(method: str, cfg: dict, shared_teacher: bool, device: torch.device):
     D = cfg["domains"]
     names = [f"d{i}" for i in range(D)]
     teachers = []
-    if shared_teacher:
-        model = MultiDomainBert(bert(cfg["teacher"], cfg["vocab"], cfg["seq"], 1), num_labels=3, domains=names)
+    if args.shared_teacher:
+        model = MultiDomainBert(encoder(args.teacher, cfg["teacher"], cfg["vocab"], cfg["seq"], 1), num_labels=3,
+                                domains=names)
         teachers.append(TeacherGroup(model.eval().requires_grad_(False).to(device), tuple(range(D)),
                                      torch.arange(D, device=device)))
     else:
         for d in range(D):
-            model = MultiDomainBert(bert(cfg["teacher"], cfg["vocab"], cfg["seq"], 1 + d), num_labels=3, domains=None)
+            model = MultiDomainBert(encoder(args.teacher, cfg["teacher"], cfg["vocab"], cfg["seq"], 1 + d), num_labels=3,
+                                    domains=None)
             head_of = torch.full((D,), -1, dtype=torch.long)
             head_of[d] = 0
             teachers.append(TeacherGroup(model.eval().requires_grad_(False).to(device), (d,), head_of.to(device)))
     torch.manual_seed(0)
-    student = MultiDomainBert(bert(cfg["student"], cfg["vocab"], cfg["seq"], 0), num_labels=3, domains=names)
+    student = MultiDomainBert(encoder(args.student, cfg["student"], cfg["vocab"], cfg["seq"], 0, args.student_layers),
+                              num_labels=3, domains=names)
+    t_layers, t_hidden = shape_of(teachers[0].model.encoder)[:2]
     obj = KDObjective(student, teachers, num_domains=D, method=method, distill=Distill(),
-                      teacher_layers=cfg["teacher"][0], teacher_hidden=cfg["teacher"][1])
+                      teacher_layers=t_layers, teacher_hidden=t_hidden)
     return obj.to(device).train()
 
 
@@ -80,7 +91,7 @@ def bench(method: str, cfg: dict, args, runtime) -> dict:
     from hrkd.engine import param_groups
 
     device = runtime.device
-    obj = build(method, cfg, args.shared_teacher, device)
+    obj = build(method, cfg, args, device)
     db = make_batch(cfg, device)
     opt = torch.optim.AdamW(param_groups(obj, 0.01), lr=1e-4, fused=device.type == "cuda" or None)
     reset_peak(device)
@@ -119,6 +130,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--methods", default="multi-domain-kd,hrkd", help="comma-separated distillation methods")
     parser.add_argument("--shared-teacher", action="store_true", help="one teacher encoder for all domains (less memory)")
+    parser.add_argument("--teacher", help="real teacher checkpoint (local folder or hub id) instead of random weights")
+    parser.add_argument("--student", help="real student checkpoint (local folder or hub id) instead of random weights")
+    parser.add_argument("--student-layers", type=int, help="keep the student checkpoint's first k layers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -126,8 +140,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown or single-domain method(s) {unknown}; choose from {[m for m in METHODS if m != 'tinybert-kd']}")
     runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
-    cfg = DIMS[args.dims]
+    cfg = dict(DIMS[args.dims])
     results = {m: bench(m, cfg, args, runtime) for m in methods}
+    cfg.update(teacher_source=args.teacher, student_source=args.student, student_layers=args.student_layers)
 
     log.info("%-18s %12s %10s %12s", "method", "examples/s", "step ms", "peak MiB")
     for m, r in results.items():

@@ -3,9 +3,12 @@
 Paper dimensions (--dims paper): a random-weight BERT-base (12L/768/12 heads/3072 FFN),
 sequence length 128, batch 32 — for the ``hrkd`` kind one batch of 32 from each of 5 domains
 per step, as the HRKD-teacher trains. Each step is forward + backward + clip + AdamW under the
-engine's autocast (bf16 on GPUs that support it). --dims tiny is a seconds-long CPU smoke check.
+engine's autocast (bf16 on GPUs that support it). --dims small is the `small` profile (MiniLM-L6,
+batch 8, seq 64, 4 domains); --model loads a real checkpoint (local folder or hub id) in place of
+random weights. --dims tiny is a seconds-long CPU smoke check.
 
     python benchmarks/bench_teacher.py --dims paper --device cuda
+    python benchmarks/bench_teacher.py --dims small --model ../shared/models/all-MiniLM-L6-v2
     python benchmarks/bench_teacher.py --dims tiny --steps 3 --warmup 1
 
 Prints a table and one JSON line with device, config, date and results.
@@ -23,12 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bert, device_name, now, peak_memory, reset_peak, sync  # noqa: E402
+from _common import device_name, encoder, now, peak_memory, reset_peak, sync  # noqa: E402
 
 log = logging.getLogger("bench_teacher")
 
 DIMS = {
     "paper": {"model": (12, 768, 12, 3072), "domains": 5, "batch": 32, "seq": 128, "vocab": 30522, "labels": 3},
+    "small": {"model": (6, 384, 12, 1536), "domains": 4, "batch": 8, "seq": 64, "vocab": 30522, "labels": 2},
     "tiny": {"model": (2, 32, 4, 64), "domains": 3, "batch": 4, "seq": 32, "vocab": 100, "labels": 3},
 }
 
@@ -42,7 +46,7 @@ def bench(kind: str, cfg: dict, args, runtime) -> dict:
     device = runtime.device
     D = cfg["domains"]
     multi = MULTI_HEAD[kind]
-    model = MultiDomainBert(bert(cfg["model"], cfg["vocab"], cfg["seq"], 0), num_labels=cfg["labels"],
+    model = MultiDomainBert(encoder(args.model, cfg["model"], cfg["vocab"], cfg["seq"], 0), num_labels=cfg["labels"],
                             domains=[f"d{i}" for i in range(D)] if multi else None)
     objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd").to(device).train()
     rows = cfg["batch"] * (D if kind == "hrkd" else 1)
@@ -85,6 +89,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--kinds", default="mix,hrkd", help=f"comma-separated teacher kinds from {sorted(MULTI_HEAD)}")
+    parser.add_argument("--model", help="real checkpoint (local folder or hub id) instead of random weights")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -100,7 +105,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "teacher", "date": now(), "device": device_name(runtime.device), "torch": torch.__version__,
         "precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
-        "config": {"dims": args.dims, **cfg, "steps": args.steps, "warmup": args.warmup}, "results": results,
+        "config": {"dims": args.dims, **cfg, "model_source": args.model, "steps": args.steps, "warmup": args.warmup},
+        "results": results,
     }))
 
 
