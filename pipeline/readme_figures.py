@@ -9,6 +9,7 @@ always generated, never typed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -22,11 +23,15 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     readme: Path = typer.Option(Path("README.md"), help="README to update in place."),
     reports: Path = typer.Option(Path("reports"), help="Output folder of the report stage."),
-    figures: Path = typer.Option(Path("docs/figures"), help="Where the README's PNG copies go (git-tracked)."),
+    figures: Optional[Path] = typer.Option(None, help="Where the README's PNG copies go (git-tracked) "
+                                           "[default: docs/figures, docs/figures/<block> for other blocks]."),
+    block: str = typer.Option("demo", help="Which marker pair to fill: <!-- BLOCK-figures --> (demo, small)."),
 ) -> None:
     from hrkd.report.readme import update_readme
 
-    update_readme(readme, reports, figures)
+    if figures is None:
+        figures = Path("docs/figures") if block == "demo" else Path("docs/figures") / block
+    update_readme(readme, reports, figures, block)
 
 
 if __name__ == "__main__":

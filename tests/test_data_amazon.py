@@ -217,3 +217,25 @@ def test_download_with_sha256(server: str, tmp_path: Path) -> None:
     with pytest.raises(HRKDError, match=r"could not download .*missing.tar.gz.*dvc update data.dvc") as err:
         read_source(f"{server}/missing.tar.gz", None, ["books"])
     assert "\n" not in str(err.value)
+
+
+@needs_archive
+def test_row_caps_keep_the_first_rows_of_the_full_split(prepared: Path, tmp_path: Path) -> None:
+    """data.amazon.max_rows cuts each split after the full seeded split: the rows kept are the
+    first rows of the uncapped split, dev/test caps do not move train rows, and labels stay mixed."""
+    out = tmp_path / "capped"
+    prepare_task(_params(str(ARCHIVE), max_rows={"train": 40, "dev": 10, "test": None}), "amazon", out)
+    stats = read_stats(out)
+    assert {d: (stats[d]["train"], stats[d]["dev"], stats[d]["test"]) for d in stats} == {
+        d: (40, 10, c[2]) for d, c in COUNTS.items()}
+    for domain in COUNTS:
+        full = read_split(prepared, domain, "train")
+        capped = read_split(out, domain, "train")
+        assert capped["uid"].tolist() == full["uid"].tolist()[:40]
+        assert read_split(out, domain, "test")["uid"].tolist() == read_split(prepared, domain, "test")["uid"].tolist()
+        assert 10 <= int(capped["label"].sum()) <= 30  # the front of train mixes both labels
+
+
+def test_row_caps_must_be_positive() -> None:
+    with pytest.raises(HRKDError, match=r"invalid 'data.amazon.max_rows.train'.*-S data.amazon.max_rows.train="):
+        _params("x.tar.gz", max_rows={"train": 0})

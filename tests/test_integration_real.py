@@ -62,9 +62,10 @@ def integration_params(student_source: Path) -> dict:
                  teacher_layers=None, student_layers=2)
     # Dev evaluation (and the resume checkpoint it writes) once per run, at the end: at these sizes
     # writing optimiser states costs more than the steps.
-    # Small batches: the HRKD-teacher and the single-domain teachers need ~50 steps to leave chance.
-    paper["teacher"] = _schedule(4, 4, 1.0e-4, 1000)
-    paper["meta_teacher"] = _schedule(2, 8, 1.0e-4, 1000)
+    # A high rate: the single-domain teachers and the HRKD-teacher take only 24 steps here (one
+    # batch of every domain per step), and at 1e-4 they stayed at chance.
+    paper["teacher"] = _schedule(4, 8, 5.0e-4, 1000)
+    paper["meta_teacher"] = _schedule(3, 8, 5.0e-4, 1000)
     student = _schedule(1, 16, 3.0e-4, 1000)
     paper["student"] = {**student, "task_lr": {"mnli": 3.0e-4, "amazon": 3.0e-4}, "fewshot_lr": 1.0e-4}
     paper["metakd_stage_a"] = _schedule(1, 16, 3.0e-4, 1000, warmup_ratio=0.0, lr_schedule="constant")
@@ -220,7 +221,7 @@ def test_weights_the_checkpoint_lacks_are_seeded(built, tmp_path):
     a = load_file(first / "student" / "model.safetensors")
     b = load_file(other / "student" / "model.safetensors")
     differ = {k for k in a if not a[k].equal(b[k])}
-    assert differ == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert differ == {"pooler.dense.weight"}
 
 
 @pytest.mark.parametrize("kind", TEACHER_KINDS)

@@ -195,3 +195,76 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "dvc repro prepare" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def poolerless(tmp_path_factory) -> Path:
+    """A modern 3-layer checkpoint without pooler weights, as sentence-transformers ships them."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("poolerless")
+    torch.manual_seed(5)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32)
+    state = {k: v.contiguous() for k, v in BertModel(config).state_dict().items() if not k.startswith("pooler.")}
+    save_file(state, root / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(root)
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_weights_a_checkpoint_lacks_start_from_models_seed(tmp_path, poolerless):
+    raw = raw_params(str(poolerless), str(poolerless), profile="paper")
+    first = build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "a")
+    build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "b")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")  # byte-identical, pooler included
+    assert first["teacher"]["seeded_weights"] == first["student"]["seeded_weights"] == [
+        "pooler.dense.bias", "pooler.dense.weight"]
+    teacher = BertModel.from_pretrained(tmp_path / "a" / "teacher").state_dict()
+    student = BertModel.from_pretrained(tmp_path / "a" / "student").state_dict()
+    assert not teacher["pooler.dense.weight"].equal(student["pooler.dense.weight"])  # seed + role index
+    raw["models"]["seed"] = 3
+    build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "c")
+    other = BertModel.from_pretrained(tmp_path / "c" / "teacher").state_dict()
+    assert {k for k in teacher if not teacher[k].equal(other[k])} == {"pooler.dense.weight"}  # the bias starts at 0
+
+
+def test_student_layers_keep_the_first_k_layers(tmp_path, poolerless):
+    from safetensors.torch import load_file
+
+    raw = raw_params(str(poolerless), str(poolerless), profile="paper")
+    raw["profiles"]["paper"]["student_layers"] = 2
+    manifest = build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "out")
+    assert (manifest["teacher"]["num_hidden_layers"], manifest["student"]["num_hidden_layers"]) == (3, 2)
+    assert manifest["student"]["layers_kept"] == 2 and manifest["teacher"]["layers_kept"] is None
+    original = load_file(poolerless / "model.safetensors")
+    student = BertModel.from_pretrained(tmp_path / "out" / "student").state_dict()
+    kept = [k for k in original if "layer.2." not in k]
+    assert kept and all(student[k].equal(original[k]) for k in kept)
+    assert not any("layer.2." in k for k in student)
+
+
+def test_more_layers_than_the_checkpoint_has_is_one_line_error(tmp_path, poolerless):
+    raw = raw_params(str(poolerless), str(poolerless), profile="paper")
+    raw["profiles"]["paper"]["student_layers"] = 5
+    with pytest.raises(HRKDError, match=r"has 3 layers, fewer than the 5 asked for: set profiles.paper.student_layers to at most 3"):
+        build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_of_a_demo_model_are_refused():
+    raw = raw_params()
+    raw["profiles"]["demo"]["student_layers"] = 1
+    with pytest.raises(HRKDError, match=r"student_layers cuts a real checkpoint.*models.student.num_hidden_layers"):
+        parse_params(raw)
+
+
+def test_small_profile_is_a_profile():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = parse_params({**raw, "profile": "small"})
+    assert params.active.student_layers == 3 and params.active.teacher_model == params.active.student_model

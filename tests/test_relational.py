@@ -366,3 +366,98 @@ def test_plain_ratios_at_bert_scale_sit_at_one_over_d() -> None:
         first, second = module(protos).ratios, module(protos).ratios
     assert (first - 0.2).abs().max().item() > 0.01
     assert not torch.allclose(first, second)
+
+
+# --------------------------------------------------------------------------- the collapse, exactly
+# When r_m is exactly 1/D (docs/hrkd-method.md, "Ratio collapse"): a GAT layer whose every head
+# has all its pairwise scores a^T[W h_i (+) W h_j] on one side of LeakyReLU's kink is linear there,
+# the query term cancels in the softmax, every node gets the same attention row and the same
+# output; one such layer of the two makes r_m = 1/D. Both layers straddling the kink is necessary,
+# not sufficient, for r_m != 1/D.
+
+
+def gat_scores(layer, nodes: torch.Tensor) -> torch.Tensor:
+    """Pre-LeakyReLU scores [K, D, D] of a GraphAttentionLayer, recomputed from its parameters."""
+    transformed = torch.einsum("df,kfo->kdo", nodes, layer.weight)
+    a_query, a_key = layer.attention.split(layer.out_features, dim=-1)
+    return (torch.einsum("kdo,ko->kd", transformed, a_query)[:, :, None]
+            + torch.einsum("kdo,ko->kd", transformed, a_key)[:, None, :])
+
+
+def one_sided(scores: torch.Tensor) -> bool:
+    """Every head's scores on one side of the kink."""
+    flat = scores.flatten(1)
+    return bool(((flat > 0).all(1) | (flat < 0).all(1)).all())
+
+
+def graph_inputs(module: HierarchicalRelational, protos: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    nodes: list[torch.Tensor] = []
+    hooks = [g.register_forward_pre_hook(lambda _m, args: nodes.append(args[0])) for g in module.graphs]
+    try:
+        with torch.no_grad():
+            ratios = module(protos).ratios
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ratios, nodes
+
+
+def test_one_sided_scores_in_either_gat_layer_give_exactly_uniform_ratios(one_thread: None) -> None:
+    """(a) Over 40 seeds x 4 layers, dissimilar prototypes: wherever one GAT layer is one-sided,
+    r_m is 1/D up to float32 rounding, and every non-uniform r_m has both layers
+    straddling the kink. Measured: 133 of 160 layers one-sided, 27 straddling, 21 of those non-uniform."""
+    one_sided_count = non_uniform = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        module = HierarchicalRelational(3, 4, 16, graph_heads=4).eval()
+        ratios, nodes = graph_inputs(module, similar_prototypes((4, 4, 16), spread=1.0, seed=seed) * 5)
+        for m, (graph, x) in enumerate(zip(module.graphs, nodes)):
+            with torch.no_grad():
+                hidden, _ = graph.first(x)
+                collapsed = one_sided(gat_scores(graph.first, x)) or one_sided(gat_scores(graph.second, hidden))
+            deviation = (ratios[m] - 0.25).abs().max().item()
+            if collapsed:
+                one_sided_count += 1
+                assert deviation < 1e-6, (seed, m, deviation)  # float32 rounding of identical rows
+            elif deviation > 1e-4:
+                non_uniform += 1
+    assert one_sided_count >= 100 and non_uniform >= 10, (one_sided_count, non_uniform)
+
+
+def test_per_domain_layer_choice_makes_ratios_non_uniform_in_eval_mode() -> None:
+    """(b) A constructed case: at init, eval mode, no dropout and no training, eq. 16's per-domain
+    W^H lets the domains' aggregated prototypes differ enough that both GAT layers of graph 1
+    straddle the kink: r_1 is 0.12 away from 1/D, while layer 0 (the raw prototypes) stays at 1/D."""
+    torch.manual_seed(8)
+    module = HierarchicalRelational(3, 4, 16, graph_heads=4).eval()
+    ratios, nodes = graph_inputs(module, similar_prototypes((4, 4, 16), spread=1.0, seed=8) * 5)
+    assert (ratios[0] - 0.25).abs().max().item() < 1e-6
+    assert (ratios[1] - 0.25).abs().max().item() > 0.1
+    graph = module.graphs[1]
+    with torch.no_grad():
+        hidden, _ = graph.first(nodes[1])
+    assert not one_sided(gat_scores(graph.first, nodes[1])) and not one_sided(gat_scores(graph.second, hidden))
+    # the same module without the hierarchy (graph input h_m, no W^H) is uniform on these prototypes
+    torch.manual_seed(8)
+    flat = HierarchicalRelational(3, 4, 16, graph_heads=4, hierarchical=False).eval()
+    with torch.no_grad():
+        assert (flat(similar_prototypes((4, 4, 16), spread=1.0, seed=8) * 5).ratios[1] - 0.25).abs().max().item() < 1e-6
+
+
+def test_minimising_eq17_over_the_ratios_drifts_to_one_hot(one_thread: None) -> None:
+    """(c) Eq. 17 is linear in r: a graph that can move r (skip term), trained on sum_d r_d L_d with
+    the student's per-domain losses fixed, puts all mass on the lowest-loss domain within a few
+    hundred Adam steps, switching the other domains' intermediate-layer KD off."""
+    torch.manual_seed(0)
+    graph = DomainGraph(32, 16, 4, dropout=0.0, skip=True)
+    nodes = similar_prototypes((4, 32), spread=0.1, seed=0)
+    losses = torch.tensor([1.4, 1.2, 0.03, 1.3])  # the per-domain layer losses the issue measured
+    optimiser = torch.optim.Adam(graph.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = (graph(nodes) * losses).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        r = graph(nodes)
+    assert r.argmax().item() == 2 and r[2].item() > 0.99, r

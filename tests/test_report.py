@@ -289,6 +289,15 @@ def test_readme_splice_keeps_markers_and_refuses_without_them():
         splice("no markers here", "x")
 
 
+def test_readme_blocks_of_two_profiles_are_filled_independently():
+    from hrkd.report.readme import markers
+
+    begin, end = markers("small")
+    text = f"{BEGIN}\ndemo\n{END}\n{begin}\nold\n{end}\n"
+    assert splice(text, "real", begin, end) == f"{BEGIN}\ndemo\n{END}\n{begin}\nreal\n{end}\n"
+    assert splice(text, "new demo") == f"{BEGIN}\nnew demo\n{END}\n{begin}\nold\n{end}\n"
+
+
 def test_summary_json_is_written_by_the_stage(tmp_path, monkeypatch):
     """End to end without a case study (no `hrkd` _relational state needed): files, summary, determinism."""
     write_task_meta(tmp_path, "amazon", "amazon", AMAZON)

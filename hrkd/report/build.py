@@ -137,6 +137,10 @@ def _report_md(rep: Report) -> str:
     if rep.profile == "demo":
         lines += ["**Demo profile: a generated corpus and tiny random BERTs. These numbers test the pipeline; they are "
                   "not comparable with the paper's.**", ""]
+    elif rep.profile == "small":
+        lines += ["**Small profile: real data (see Table 1 for the rows kept) and small pre-trained checkpoints "
+                  "(MiniLM) sized for a CPU. The methods are compared on equal terms, but the absolute numbers are "
+                  "not the paper's scale (BERT-base teachers, TinyBERT students, full splits).**", ""]
     demote = lambda md: md.replace("\n### ", "\n## ", 1)  # noqa: E731
     order = [t.name for t in rep.tables if t.name not in ("significance", "figure2", "ratio_diagnostics")]
     for name in order:

@@ -125,12 +125,13 @@ def collapse_sentence(study: CaseStudy, paper: dict[str, list[dict[str, Any]]] |
     if study.collapsed:
         head = (f"In eval mode the trained student's domain-relational ratios are uniform: r = 1/D = {1 / d:.3f} in every "
                 f"layer and domain (max |r − 1/D| = {study.max_dev_eval:.1e}). This is the ratio collapse of "
-                "docs/hrkd-method.md: in eqs. 7-12 every node attends over the same complete graph with attention that "
-                "ranks the neighbours identically for every query, so every domain gets the same graph output and eq. 10 "
-                "gives r = 1/D; eq. 17 is then multi-domain KD (eq. 5) with every layer term divided by D.")
+                "docs/hrkd-method.md: when one of a layer graph's two GAT layers has all its scores a^T[Wh_i ⊕ Wh_j] on one "
+                "side of the LeakyReLU kink, every node gets the same attention row and the same output, so eq. 10 gives "
+                "r = 1/D; eq. 17 is then multi-domain KD (eq. 5) with every layer term divided by D.")
     else:
         head = (f"In eval mode the ratios differ from uniform by up to {study.max_dev_eval:.3f} (max |r − 1/D|): the "
-                "graph has not collapsed here (docs/hrkd-method.md says when to expect that, e.g. `distill.graph_skip`).")
+                "graph has not collapsed here: both GAT layers of some layer graph straddle the LeakyReLU kink (possible for "
+                "m ≥ 1 through eq. 16's per-domain layer choice, or with `distill.graph_skip`; docs/hrkd-method.md).")
     tail = (f" With the graph's dropout on, as during training, they move by up to {study.max_dev_dropout:.3f} — noise "
             "that changes with every dropout draw for the same input.")
     span = paper_ratio_range(paper or {})

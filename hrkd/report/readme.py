@@ -1,6 +1,7 @@
 """Splice the generated tables and figures into README.md, so its figures are never hand-written.
 
-The block between ``<!-- demo-figures -->`` and ``<!-- /demo-figures -->`` is replaced by tables
+The block between ``<!-- demo-figures -->`` and ``<!-- /demo-figures -->`` (or another profile's
+``<!-- small-figures -->`` pair, ``--block small``) is replaced by tables
 read from ``reports/tables/*.md`` (the report stage's files, byte for byte) and links to PNG
 copies under ``docs/figures/``. The copies are what a GitHub reader sees: ``reports/`` is a DVC
 output (in the DVC cache, not in git), so the README links to files committed next to it, taken
@@ -20,18 +21,25 @@ log = logging.getLogger("hrkd.report")
 
 BEGIN = "<!-- demo-figures -->"
 END = "<!-- /demo-figures -->"
+
+
+def markers(block: str) -> tuple[str, str]:
+    """The README's marker pair of one block of generated figures (one per profile shown)."""
+    return f"<!-- {block}-figures -->", f"<!-- /{block}-figures -->"
+
+
 # (table file under reports/tables/, shown in the README); missing optional ones are skipped.
 README_TABLES = ("table2_mnli", "table3_amazon", "table4_amazon", "significance", "figure2")
 README_FIGURES = ("figure2.png", "case_study_ratios.png")
 
 
-def splice(readme: str, block: str) -> str:
+def splice(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     """Replace what lies between the markers (the markers stay)."""
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
-        raise HRKDError(f"README.md needs exactly one '{BEGIN}' ... '{END}' pair; restore the markers from git")
-    head, rest = readme.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{block.strip()}\n{END}{tail}"
+    if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
+        raise HRKDError(f"README.md needs exactly one '{begin}' ... '{end}' pair; restore the markers from git")
+    head, rest = readme.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{block.strip()}\n{end}{tail}"
 
 
 def _body(md: str) -> tuple[str, str]:
@@ -82,12 +90,12 @@ def _rel(path: Path, start: Path) -> str:
 
 
 def update_readme(readme: str | Path = "README.md", reports: str | Path = "reports",
-                  figures_dir: str | Path = "docs/figures") -> Path:
+                  figures_dir: str | Path = "docs/figures", block_name: str = "demo") -> Path:
     readme = Path(readme)
     if not readme.is_file():
         raise HRKDError(f"{readme} not found: run from the repository root")
     block = readme_block(reports, figures_dir, readme.parent)
-    text = splice(readme.read_text(encoding="utf-8"), block)
+    text = splice(readme.read_text(encoding="utf-8"), block, *markers(block_name))
     mode = readme.stat().st_mode & 0o777
     with atomic_file(readme) as handle:
         handle.write(text)
