@@ -24,7 +24,8 @@ def prepare_task(params: Params, task: str, out_dir: str | Path) -> TaskMeta:
     with the same domains and labels; custom tasks always read the user's files.
     """
     cfg = params.task(task)
-    if params.profile == "demo" and isinstance(cfg, (MnliData, AmazonData)):
+    generated = params.profile == "demo" and isinstance(cfg, (MnliData, AmazonData))
+    if generated:
         sizes = params.demo.mnli if cfg.kind == "mnli" else params.demo.amazon
         splits, labels, pair = build_demo(cfg.kind, cfg.domains, sizes, params.demo.seed)
         meta = TaskMeta(task, cfg.kind, labels, tuple(cfg.domains), pair, "demo", params.profile)
@@ -39,7 +40,7 @@ def prepare_task(params: Params, task: str, out_dir: str | Path) -> TaskMeta:
         splits, labels, domains, source = build_custom(cfg)
         pair = cfg.text_pair_column is not None
         meta = TaskMeta(task, "custom", tuple(labels), tuple(domains), pair, source, params.profile)
-    if not isinstance(cfg, (MnliData, AmazonData)) or params.profile != "demo":
+    if not generated:  # the demo corpus is sized by params.demo instead
         splits = cap_rows(splits, cfg.max_rows, task)
     stats = write_task(out_dir, meta, splits)
     for domain in meta.domains:
