@@ -88,12 +88,12 @@ def make_batch(cfg: dict, device: torch.device):
 
 
 def bench(method: str, cfg: dict, args, runtime) -> dict:
-    from hrkd.engine import param_groups
+    from hrkd.engine import make_optimizer
 
     device = runtime.device
     obj = build(method, cfg, args, device)
     db = make_batch(cfg, device)
-    opt = torch.optim.AdamW(param_groups(obj, 0.01), lr=1e-4, fused=device.type == "cuda" or None)
+    opt = make_optimizer(obj, 0.01, 1e-4)
     reset_peak(device)
     times = []
     for step in range(args.warmup + args.steps):

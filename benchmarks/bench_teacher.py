@@ -39,7 +39,7 @@ DIMS = {
 
 def bench(kind: str, cfg: dict, args, runtime) -> dict:
     from hrkd.data.loading import Batch
-    from hrkd.engine import param_groups
+    from hrkd.engine import make_optimizer
     from hrkd.models import MultiDomainBert
     from hrkd.teachers import MULTI_HEAD, ClassifierObjective
 
@@ -54,7 +54,7 @@ def bench(kind: str, cfg: dict, args, runtime) -> dict:
     ids = torch.randint(5, cfg["vocab"], (rows, cfg["seq"]), generator=g)
     batch = Batch(ids, torch.ones_like(ids), torch.zeros_like(ids), torch.randint(0, cfg["labels"], (rows,), generator=g),
                   torch.arange(rows) % D).to(device)
-    opt = torch.optim.AdamW(param_groups(objective, 0.01), lr=5e-5, fused=device.type == "cuda" or None)
+    opt = make_optimizer(objective, 0.01, 5e-5)
     reset_peak(device)
     times = []
     for step in range(args.warmup + args.steps):

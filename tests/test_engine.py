@@ -243,3 +243,13 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
         results[nproc] = torch.load(out / "params.pt")
     for k in results[1]:
         assert torch.allclose(results[1][k], results[2][k], atol=1e-5), k
+
+
+def test_runs_and_benchmarks_share_one_fused_adamw():
+    """The benchmarks time the optimiser the runs use; fused on CPU too, no decay on biases/LayerNorm."""
+    from hrkd.engine import make_optimizer
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    opt = make_optimizer(module, 0.01, 1e-3)
+    assert opt.defaults["fused"] is True
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
