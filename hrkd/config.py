@@ -238,6 +238,10 @@ class Engine(Section):
     nproc: Annotated[int, Field(ge=1)] = 1
     log_every: Annotated[int, Field(ge=1)] = 10
     progress: bool = True
+    # Distillation keeps the frozen teachers' outputs of every training row after their first
+    # step when they fit in this many GiB (the same numbers up to float rounding, one teacher
+    # forward per row per run instead of per epoch); 0 recomputes them every step.
+    teacher_cache_gib: Annotated[float, Field(ge=0.0)] = 2.0
 
 
 TeacherKind = Literal["single", "mix", "mtl", "hrkd"]

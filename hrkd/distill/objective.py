@@ -32,6 +32,7 @@ from hrkd.losses import (
     total_kd_loss,
     uniform_layer_map,
 )
+from hrkd.distill.teacher_cache import TeacherCache, TeacherView
 from hrkd.relational import HierarchicalRelational, layer_prototypes, ratio_diagnostics, stack_domain_prototypes
 
 log = logging.getLogger("hrkd.distill")
@@ -94,6 +95,9 @@ class DistillBatch:
 
     batch: Batch
     spans: tuple[tuple[int, int], ...]
+    # rows[d]: domain d's row indices in its split (host tensor), for the teacher cache; () when
+    # the batch was not built from a schedule step.
+    rows: tuple[Tensor, ...] = ()
 
 
 def make_distill_batch(task: TaskSplits, split: str, step: Step, domains: Sequence[int],
@@ -105,6 +109,7 @@ def make_distill_batch(task: TaskSplits, split: str, step: Step, domains: Sequen
     """
     local = {d: i for i, d in enumerate(domains)}
     spans: list[tuple[int, int] | None] = [None] * len(domains)
+    rows: list[Tensor | None] = [None] * len(domains)
     ids: list[Tensor] = []
     start = 0
     for d, idx in step:
@@ -112,6 +117,7 @@ def make_distill_batch(task: TaskSplits, split: str, step: Step, domains: Sequen
             raise ValueError(f"step has rows of domain {d} that the objective over {list(domains)} does not expect")
         n = len(idx)
         spans[local[d]] = (start, start + n)
+        rows[local[d]] = idx
         ids.append(torch.full((n,), local[d], dtype=torch.long))
         start += n
     empty = [task.domains[domains[i]] for i, s in enumerate(spans) if s is None or s[0] == s[1]]
@@ -124,7 +130,18 @@ def make_distill_batch(task: TaskSplits, split: str, step: Step, domains: Sequen
     batch = Batch(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.labels, torch.cat(ids))
     if device is not None:
         batch = batch.to(device)
-    return DistillBatch(batch=batch, spans=tuple(spans))  # type: ignore[arg-type]
+    return DistillBatch(batch=batch, spans=tuple(spans), rows=tuple(rows))  # type: ignore[arg-type]
+
+
+def _padded(db: DistillBatch, width: int) -> DistillBatch:
+    """The same rows padded to ``width`` positions (padding is masked, so real positions are unchanged)."""
+    b = db.batch
+
+    def pad(t: Tensor) -> Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]))
+
+    return DistillBatch(Batch(pad(b.input_ids), pad(b.attention_mask), pad(b.token_type_ids), b.labels, b.domain_ids),
+                        db.spans, db.rows)
 
 
 def concat_domain_batches(batches: Sequence[Batch]) -> DistillBatch:
@@ -335,6 +352,8 @@ class KDObjective(nn.Module):
         self._teacher_taps = _taps(hidden=True, layers=self.layer_map)
         # A plain list, not nn.ModuleList: teachers are not parameters, state, or DDP's business.
         self.teachers: list[TeacherGroup] = list(teachers or [])
+        # Set by the run when the training rows' teacher outputs fit in memory (engine.teacher_cache_gib).
+        self.teacher_cache: TeacherCache | None = None
         if self.teachers:
             served = sorted(d for g in self.teachers for d in g.domains)
             if served != list(range(num_domains)):
@@ -348,28 +367,59 @@ class KDObjective(nn.Module):
 
     # -- teacher side ------------------------------------------------------------------------------
 
-    def teacher_outputs(self, db: DistillBatch) -> list[_TeacherView]:
-        """Every domain's teacher outputs for its own rows (constants: inference mode)."""
+    def teacher_outputs(self, db: DistillBatch) -> Sequence[TeacherView]:
+        """Every domain's teacher outputs for its own rows (constants: inference mode).
+
+        With a :attr:`teacher_cache` and a batch that names its rows, a step whose rows were all
+        seen before reads them from the cache; otherwise the teachers run once, at the cache's
+        full width, and the step's rows are kept.
+        """
         if not self.teachers:
             raise HRKDError("this objective has no teachers (loaded for inference only); pass teachers to distill")
+        cache = self.teacher_cache
+        width = db.batch.input_ids.shape[1]
+        with torch.inference_mode():
+            if cache is None or not db.rows or width > cache.width:
+                return self._run_teachers(db)
+            if (hit := cache.get(db.rows, width)) is not None:
+                return hit
+            cache.put(db.rows, self._run_teachers(_padded(db, cache.width)))
+            return cache.read(db.rows, width)
+
+    def enable_teacher_cache(self, sizes: Sequence[int], width: int, budget_gib: float) -> bool:
+        """Cache the teachers' outputs of ``sizes[d]`` training rows per domain if they fit in ``budget_gib``."""
+        if not self.teachers or budget_gib <= 0:
+            return False
+        teacher = self.teachers[0].model
+        shape = dict(sizes=tuple(sizes), width=int(width), heads=teacher.num_attention_heads,
+                     hidden=teacher.hidden_size, labels=teacher.num_labels)
+        need = TeacherCache.bytes_needed(layers=len(self.layer_map), **shape) / 2**30
+        if need > budget_gib:
+            log.info("teacher outputs recomputed every step: caching them would take %.2f GiB > "
+                     "engine.teacher_cache_gib=%g", need, budget_gib)
+            return False
+        self.teacher_cache = TeacherCache(layers=self.layer_map, **shape)
+        log.info("teacher outputs cached after their first step (%.2f GiB for %d rows)", need, sum(sizes))
+        return True
+
+    def _run_teachers(self, db: DistillBatch) -> list[_TeacherView]:
         b = db.batch
         views: list[_TeacherView | None] = [None] * self.num_domains
-        with torch.inference_mode():
-            for g in self.teachers:
-                spans = [db.spans[d] for d in g.domains]
-                contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
-                if contiguous:
-                    a, z = spans[0][0], spans[-1][1]
-                    head = g.head_of[b.domain_ids[a:z]] if len(g.domains) > 1 else 0
-                    out = g.model(b.input_ids[a:z], b.attention_mask[a:z], b.token_type_ids[a:z],
-                                  domain=head, taps=self._teacher_taps)
-                    for d, (s, e) in zip(g.domains, spans):
-                        views[d] = _TeacherView(out, s - a, e - a)
-                else:  # a shared encoder whose domains are not adjacent in the batch: one forward each
-                    for h, (d, (s, e)) in enumerate(zip(g.domains, spans)):
-                        out = g.model(b.input_ids[s:e], b.attention_mask[s:e], b.token_type_ids[s:e],
-                                      domain=h, taps=self._teacher_taps)
-                        views[d] = _TeacherView(out, 0, e - s)
+        for g in self.teachers:
+            spans = [db.spans[d] for d in g.domains]
+            contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+            if contiguous:
+                a, z = spans[0][0], spans[-1][1]
+                head = g.head_of[b.domain_ids[a:z]] if len(g.domains) > 1 else 0
+                out = g.model(b.input_ids[a:z], b.attention_mask[a:z], b.token_type_ids[a:z],
+                              domain=head, taps=self._teacher_taps)
+                for d, (s, e) in zip(g.domains, spans):
+                    views[d] = _TeacherView(out, s - a, e - a)
+            else:  # a shared encoder whose domains are not adjacent in the batch: one forward each
+                for h, (d, (s, e)) in enumerate(zip(g.domains, spans)):
+                    out = g.model(b.input_ids[s:e], b.attention_mask[s:e], b.token_type_ids[s:e],
+                                  domain=h, taps=self._teacher_taps)
+                    views[d] = _TeacherView(out, 0, e - s)
         return views  # type: ignore[return-value]
 
     # -- student side ------------------------------------------------------------------------------

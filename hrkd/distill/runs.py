@@ -131,6 +131,10 @@ def distill_student(
             objective = KDObjective(student, teachers, num_domains=len(domains), method=method, distill=distill,
                                     teacher_layers=int(teacher_cfg.num_hidden_layers),
                                     teacher_hidden=int(teacher_cfg.hidden_size))
+            # No batch is wider than the longest training row (collate trims to it).
+            width = max(int(task.splits[task.domains[d]]["train"].lengths.max()) for d in domains)
+            objective.enable_teacher_cache([task.sizes("train")[d] for d in domains], width,
+                                           params.engine.teacher_cache_gib)
             schedule = Schedule(kind="single" if single else "parallel", sizes=tuple(task.sizes("train")),
                                 batch_size=settings.batch_size, seed=run_seed, domain=run_domain or 0)
 
