@@ -293,8 +293,11 @@ class MetaKD(Section):
 
 
 DistillMethod = Literal[
-    "tinybert-kd", "multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "no-domain-rel"
+    "tinybert-kd", "multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "no-domain-rel",
+    "hrkd-dro", "hrkd-frozen",
 ]
+# How the relational graph's ratios learn (docs/hrkd-method.md, "How the ratios learn").
+RatioLearning = Literal["paper", "frozen", "dro"]
 
 
 class Distill(Section):
@@ -304,22 +307,39 @@ class Distill(Section):
     tinybert_teachers: list[Literal["single", "mix", "mtl"]] = Field(default_factory=lambda: ["single", "mix", "mtl"])
     # Multi-domain students distilled from the HRKD-teacher (Tables 2-4).
     methods: list[DistillMethod] = Field(
-        default_factory=lambda: ["multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical"]
+        default_factory=lambda: ["multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical",
+                                 "hrkd-dro"]
     )
     gamma: Annotated[float, Field(ge=0.0)] = 1.0
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     # per-domain: domain d is distilled from the teacher checkpoint selected on domain d (authors);
     # shared: one checkpoint for all domains (the one selected on the average dev accuracy... see docs).
     teacher_checkpoint: Literal["per-domain", "shared"] = "per-domain"
-    graph_trainable: bool = True  # false = the authors' code (graph never reaches the optimiser)
-    graph_skip: bool = False  # true = root/skip term in both GAT layers (not in the paper)
+    # paper: the graph minimises eq. 17 with the student; frozen: the authors' code (the graph stays
+    # at its random init); dro: the graph maximises eq. 17 minus dro_tau * KL(r || uniform) on
+    # relative losses while the student minimises it (method hrkd-dro always uses dro).
+    ratios: RatioLearning = "paper"
+    dro_tau: Annotated[float, Field(gt=0.0)] = 1.0
+    graph_skip: bool = False  # true = root/skip term in both GAT layers (not in the paper; dro implies it)
     graph_heads: Annotated[int, Field(ge=1)] = 8
     graph_hidden: Annotated[int, Field(ge=1)] | None = None  # None = prototype width F
     graph_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     prototype_padding: bool = True  # eq. 6 averages over all L positions (paper and authors' code)
+    # raw: eq. 6 over the student's own outputs (the paper); projected: over W^embd / W_m^hidn's
+    # outputs, at the teacher's width (the authors' code)
+    prototype_features: Literal["raw", "projected"] = "raw"
     class_mean: bool = False  # true = the authors' soft CE that also averages over classes
     mask_queries: bool = False  # also zero padded query rows of the attention maps
     seed_offset: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "graph_trainable" in data:
+            fix = "ratios: frozen" if data["graph_trainable"] is False else "ratios: paper"
+            raise ValueError(f"distill.graph_trainable was replaced by distill.ratios (paper | frozen | dro): "
+                             f"write {fix} instead")
+        return data
 
 
 class CaseStudy(Section):

@@ -7,6 +7,8 @@ See docs/hrkd-method.md for the equation-to-code map and the fidelity notes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,7 +19,9 @@ __all__ = [
     "attention_loss",
     "embedding_loss",
     "hidden_loss",
+    "layer_losses",
     "mse",
+    "robust_ratio_loss",
     "soft_cross_entropy",
     "total_kd_loss",
     "uniform_layer_map",
@@ -159,6 +163,31 @@ def total_kd_loss(
     if ratios.shape != (attn.shape[0] + 1, domains):
         raise ValueError(f"ratios must be [M+1, D] = [{attn.shape[0] + 1}, {domains}], got {tuple(ratios.shape)}")
     return (ratios[0] * embd).sum() + (ratios[1:] * layer_terms).sum() + (gamma / domains) * pred.sum()
+
+
+def layer_losses(embd: Tensor, attn: Tensor, hidn: Tensor) -> Tensor:
+    """The [M+1, D] matrix that eq. 17's ratios weight: row 0 L_embd^d, row m L_attn^{m,d} + L_hidn^{m,d}."""
+    return torch.cat([embd.unsqueeze(0), attn + hidn])
+
+
+def robust_ratio_loss(ratios: Tensor, losses: Tensor, tau: float) -> Tensor:
+    """The graph's loss under ``distill.ratios: dro`` (to minimise; the student's losses held constant).
+
+    Maximises sum_m [ sum_d r_{m,d} Lrel_{m,d} - tau KL(r_m || uniform) ], with the relative
+    losses Lrel_{m,d} = L_{m,d} / mean_d L_{m,d} (layers differ in scale by 100x; a relative
+    loss makes tau mean the same on every row). For each row the maximiser over the simplex is
+    r_m = softmax(Lrel_m / tau): the KL-regularised form of Group DRO (Sagawa et al., ICLR 2020),
+    which up-weights the domains the student distils worst, never one-hot for tau > 0 and
+    uniform only when the domains' losses are equal. ``losses`` should be detached.
+    """
+    if ratios.shape != losses.shape or ratios.dim() != 2:
+        raise ValueError(f"ratios and losses must both be [M+1, D], got {tuple(ratios.shape)} and {tuple(losses.shape)}")
+    if tau <= 0:
+        raise HRKDError(f"dro_tau must be > 0, got {tau}; set distill.dro_tau to a positive number")
+    domains = ratios.shape[1]
+    relative = losses / losses.mean(dim=1, keepdim=True).clamp_min(torch.finfo(losses.dtype).tiny)
+    kl = (torch.special.xlogy(ratios, ratios) + ratios * math.log(domains)).sum()
+    return -((ratios * relative).sum() - tau * kl)
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:

@@ -370,3 +370,37 @@ def ratio_diagnostics(ratios: Tensor) -> dict[str, float | list[float]]:
         "mean_normalised_entropy": normalised.mean().item(),
         "mean_max_abs_dev": deviation.mean().item(),
     }
+
+
+# A layer's ratios are "uniform" when they are 1/D to fp32 rounding (the collapsed graph), and
+# "one-hot" when their normalised entropy is below ONE_HOT_ENTROPY: at D = 4 that is the entropy of
+# (0.95, 0.017, 0.017, 0.017), so the top domain holds ~95 % and the others' intermediate-layer KD
+# is down by ~50x (at D = 5, 0.2 is reached with the top domain at ~94 %).
+UNIFORM_SPREAD = 1e-6
+ONE_HOT_ENTROPY = 0.2
+REGIMES = ("uniform", "learned", "one-hot")
+
+
+def layer_regimes(ratios: Tensor) -> list[str]:
+    """Per layer of r [M+1, D]: ``uniform``, ``one-hot`` or ``learned`` (in between)."""
+    d = ratio_diagnostics(ratios)
+    return ["uniform" if spread < UNIFORM_SPREAD else "one-hot" if entropy < ONE_HOT_ENTROPY else "learned"
+            for spread, entropy in zip(d["spread"], d["normalised_entropy"])]
+
+
+def regime_counts(ratios: Tensor) -> dict[str, int]:
+    """How many layers of r are in each regime: ``{"uniform_layers": .., "learned_layers": .., "one_hot_layers": ..}``."""
+    layers = layer_regimes(ratios)
+    return {f"{name.replace('-', '_')}_layers": layers.count(name) for name in REGIMES}
+
+
+def regime_of_counts(counts: dict[str, int | float]) -> str:
+    """One word for a run: ``one-hot`` if any layer is, ``uniform`` if all are, else ``learned``."""
+    if counts["one_hot_layers"] > 0:
+        return "one-hot"
+    return "learned" if counts["learned_layers"] > 0 else "uniform"
+
+
+def ratio_regime(ratios: Tensor) -> str:
+    """:func:`regime_of_counts` of r [M+1, D]."""
+    return regime_of_counts(regime_counts(ratios))

@@ -261,7 +261,7 @@ def test_trainable_graph_gets_gradients_and_moves(world):
 
 def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
     db = step_batch(toy_task())
-    obj = build(world, "hrkd", graph_trainable=False)
+    obj = build(world, "hrkd", ratios="frozen")
     before, in_opt = _one_step(obj, db)
     for n, p in obj.graph.named_parameters():
         assert not p.requires_grad and p.grad is None and id(p) not in in_opt and torch.equal(before[n], p), n
@@ -271,7 +271,7 @@ def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
     # Gradient through r: the student's gradient changes when r is detached. (graph_skip: the plain
     # graph's collapsed ratios have an exactly-zero gradient, which would hide the difference.)
     def grads(detach: bool):
-        o = build(world, "hrkd", graph_trainable=False, graph_skip=True)
+        o = build(world, "hrkd", ratios="frozen", graph_skip=True)
         if detach:
             real = o.relational
             o.relational = lambda *args: type(real(*args))(real(*args).ratios.detach(), [], None)
@@ -350,3 +350,26 @@ def test_ratio_logs_match_diagnostics():
     h = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)) / math.log(3)
     assert logs["ratio_spread"].item() == pytest.approx(1.3 / 3, abs=1e-6)
     assert logs["ratio_entropy"].item() == pytest.approx((h + 1) / 3, abs=1e-6)
+
+
+def test_projected_prototypes_average_the_projections_and_survive_a_reload(world, tmp_path):
+    task = toy_task()
+    db = step_batch(task)
+    obj = build(world, "hrkd", graph_skip=True, prototype_features="projected")
+    assert obj.graph_args["feature_dim"] == 48 and obj.graph.feature_dim == 48  # the teacher's width
+    with torch.no_grad():
+        so = obj.student_outputs(db)
+        protos = obj.prototypes(db, so)
+        a, z = db.spans[1]
+        # by hand: layer 1 of domain 1 = mean over rows and positions of W_1^hidn H_1 (padding included)
+        want = obj.proj[1](so.hidden_states[0][a:z]).mean(dim=(0, 1))
+        assert torch.allclose(protos[1, 1], want, atol=1e-6)
+        assert torch.allclose(protos[0, 0], obj.proj[0](so.embeddings[:db.spans[0][1]]).mean(dim=(0, 1)), atol=1e-6)
+        raw = build(world, "hrkd", graph_skip=True)
+        assert raw.prototypes(db, so).shape[-1] == 32  # the paper: the student's own width
+    batches = [collate(task, "dev", [(d, torch.arange(3))]) for d in range(2)]
+    live = relational_ratios(obj, batches)["ratios"]
+    from hrkd.distill.objective import save_relational
+    save_relational(obj, tmp_path / "rel", world["tok"], {"domains": DOMAINS})
+    assert (tmp_path / "rel" / "projections.pt").is_file()
+    assert torch.allclose(relational_ratios(tmp_path / "rel", batches)["ratios"], live, atol=1e-6)

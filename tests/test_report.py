@@ -94,13 +94,19 @@ def write_task_meta(root: Path, task: str, kind: str, domains: list[str], sizes=
                                        for i, d in enumerate(domains)})
 
 
-def run_metrics(test: dict[str, float], ratios: bool = False) -> dict:
+UNIFORM = {"uniform_layers": 3, "learned_layers": 0, "one_hot_layers": 0}
+LEARNED = {"uniform_layers": 1, "learned_layers": 2, "one_hot_layers": 0}
+
+
+def run_metrics(test: dict[str, float], ratios: bool = False, eval_regime: dict | None = None) -> dict:
     test = dict(test)
     test["average"] = round(sum(test.values()) / len(test), 6)
     out = {"dev": dict(test), "test": test, "step": {d: 1 for d in test if d != "average"}}
     if ratios:
-        out["ratios"] = {"eval": {"mean_spread": 0.0, "mean_normalised_entropy": 1.0, "mean_max_abs_dev": 0.0},
-                         "train_mode": {"mean_spread": 0.05, "mean_normalised_entropy": 0.99, "mean_max_abs_dev": 0.03}}
+        out["ratios"] = {"eval": {"mean_spread": 0.0, "mean_normalised_entropy": 1.0, "mean_max_abs_dev": 0.0,
+                                  **(eval_regime or UNIFORM)},
+                         "train_mode": {"mean_spread": 0.05, "mean_normalised_entropy": 0.99, "mean_max_abs_dev": 0.03,
+                                        **LEARNED}}
     return out
 
 
@@ -120,6 +126,8 @@ def write_amazon_runs(root: Path, seeds=(1, 2, 3), metakd: bool = False):
                        run_metrics(dict(zip(AMAZON, [0.7, 0.7, 0.7, 0.7])), ratios=run.startswith("no-")))
         write_json(m / "students" / "amazon" / f"hrkd-{seed}.json", run_metrics(dict(zip(AMAZON, HRKD[seed])), ratios=True))
         write_json(m / "students" / "amazon" / f"multi-domain-kd-{seed}.json", run_metrics(dict(zip(AMAZON, BASE[seed]))))
+        write_json(m / "students" / "amazon" / f"hrkd-dro-{seed}.json",
+                   run_metrics(dict(zip(AMAZON, [0.75] * 4)), ratios=True, eval_regime=LEARNED))
         if metakd:
             write_json(m / "students" / "amazon" / f"metakd-{seed}.json", run_metrics(dict(zip(AMAZON, [0.85] * 4))))
 
@@ -186,7 +194,10 @@ def test_missing_required_metrics_names_the_stage(amazon, tmp_path):
 def test_ablation_table_rows_and_domain_rel_is_the_baseline(amazon):
     table = T.ablation_table(amazon, PaperValues.load(), "amazon")
     assert table.title.startswith("Table 4: Ablation studies on Amazon Reviews")
-    assert [r.label for r in table.rows] == ["HRKD", "− Self-attention", "− Comp-Agg", "− Hierarchical Rel.", "− Domain Rel."]
+    assert [r.label for r in table.rows] == ["HRKD", "− Self-attention", "− Comp-Agg", "− Hierarchical Rel.", "− Domain Rel.",
+                                             "HRKD, robust ratios (not in the paper)"]
+    dro = row(table, "hrkd-dro")
+    assert T.format_cell(dro.cells["books"], "acc", 1) == "75.0±0.00"  # no paper value: not in the paper
     dom = row(table, "no-domain-rel")
     assert dom.second == "multi-domain-kd"
     # books of the baseline: 80, 80, 80 -> 80.0 ± 0.00; Table 4 prints 84.6
@@ -384,3 +395,30 @@ def test_case_study_from_a_saved_hrkd_student(tmp_path):
         case_study(tmp_path, "amazon", 1, 5)
     with pytest.raises(HRKDError, match=r"run `dvc repro distill@amazon-hrkd-2`"):
         case_study(tmp_path, "amazon", 2, 1)
+
+
+def test_diagnostics_table_states_each_hrkd_runs_regime(amazon):
+    table = T.diagnostics_table(amazon)
+    runs = [r.second for r in table.rows]
+    assert runs == [f"{m} seed {s}" for m in ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "hrkd-dro")
+                    for s in (1, 2, 3)]
+    hrkd, dro = row(table, "hrkd"), row(table, "hrkd-dro")
+    assert hrkd.texts == {"eval.regime": "uniform (3/0/0)", "train_mode.regime": "learned (1/2/0)"}
+    assert dro.texts["eval.regime"] == "learned (1/2/0)"
+    md = T.to_markdown(table, "", 1)
+    assert "eval: regime" in md and "uniform (3/0/0)" in md
+
+
+def test_teacher_gap_is_student_minus_its_own_teacher(amazon):
+    paper = PaperValues.load()
+    results, ablations = T.results_table(amazon, paper, "amazon"), T.ablation_table(amazon, paper, "amazon")
+    gap = T.teacher_gap_table(results, ablations, "amazon")
+    assert [r.second for r in gap.rows] == ["single-tinybert-kd", "mix-tinybert-kd", "mtl-tinybert-kd", "metakd",
+                                            "multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg",
+                                            "no-hierarchical", "hrkd-dro"]
+    # single teacher books 90, its TinyBERT-KD students 70: -20.0; HRKD books 82 vs the HRKD-teacher's 90: -8.0
+    assert T.format_cell(row(gap, "single-tinybert-kd").cells["books"], "diff", 1) == "−20.0"
+    assert T.format_cell(row(gap, "hrkd").cells["books"], "diff", 1) == "−8.0"
+    assert row(gap, "hrkd").cells["average"].value == pytest.approx(
+        row(results, "hrkd").cells["average"].value - row(results, "teacher-hrkd").cells["average"].value)
+    assert T.format_cell(row(gap, "metakd").cells["books"], "diff", 1) == "–"  # no Meta-KD run in this fixture

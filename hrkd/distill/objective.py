@@ -28,12 +28,23 @@ from hrkd.losses import (
     attention_loss,
     embedding_loss,
     hidden_loss,
+    layer_losses,
+    robust_ratio_loss,
     soft_cross_entropy,
     total_kd_loss,
     uniform_layer_map,
 )
 from hrkd.distill.teacher_cache import TeacherCache, TeacherView
-from hrkd.relational import HierarchicalRelational, layer_prototypes, ratio_diagnostics, stack_domain_prototypes
+from hrkd.relational import (
+    ONE_HOT_ENTROPY,
+    UNIFORM_SPREAD,
+    HierarchicalRelational,
+    layer_prototypes,
+    layer_regimes,
+    ratio_diagnostics,
+    ratio_regime,
+    stack_domain_prototypes,
+)
 
 log = logging.getLogger("hrkd.distill")
 
@@ -45,13 +56,20 @@ METHODS = (
     "no-self-attention",
     "no-comp-agg",
     "no-hierarchical",
+    "hrkd-dro",
+    "hrkd-frozen",
 )
-# Methods whose total is eq. 17 with ratios from the relational graph (HRKD and its ablations).
-HRKD_METHODS = frozenset({"hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical"})
+# Methods whose total is eq. 17 with ratios from the relational graph (HRKD, its ablations and
+# the robust-ratio variant).
+HRKD_METHODS = frozenset({"hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "hrkd-dro", "hrkd-frozen"})
+# HRKD with its ratios fixed to one way of learning, whatever distill.ratios says: so one
+# pipeline can put the paper's graph, the authors' frozen one and the robust one side by side.
+FIXED_RATIO_LEARNING = {"hrkd-dro": "dro", "hrkd-frozen": "frozen"}
 TEACHER_KINDS = ("single", "mix", "mtl", "hrkd")
 SHARED_TEACHERS = "_shared"  # the teacher stage's one-checkpoint-for-all-domains folder
 RELATIONAL_DIR = "_relational"  # student encoder + graph state, for Tables 5-6
 GRAPH_FILE = "graph.pt"
+PROJ_FILE = "projections.pt"  # W^embd, W_m^hidn, saved when prototypes are projected
 GRAPH_META = "relational.json"
 
 
@@ -63,8 +81,14 @@ def check_method(method: str, teacher_kind: str) -> None:
         raise HRKDError(f"unknown teacher kind '{teacher_kind}': choose one of {list(TEACHER_KINDS)}")
 
 
+def ratio_learning(method: str, distill: Distill) -> str:
+    """How the method's graph learns: ``paper``, ``frozen`` or ``dro`` (``distill.ratios`` unless fixed)."""
+    return FIXED_RATIO_LEARNING.get(method, distill.ratios)
+
+
 def graph_arguments(method: str, distill: Distill, num_layers: int, num_domains: int, feature_dim: int) -> dict[str, Any]:
     """Constructor arguments of the method's graph (JSON-able, saved next to its state)."""
+    learning = ratio_learning(method, distill)
     return {
         "num_layers": num_layers,
         "num_domains": num_domains,
@@ -75,7 +99,12 @@ def graph_arguments(method: str, distill: Distill, num_layers: int, num_domains:
         "self_attention": method != "no-self-attention",
         "comp_agg": method != "no-comp-agg",
         "hierarchical": method != "no-hierarchical",
-        "graph_skip": distill.graph_skip,
+        # dro needs the skip term: without it r is exactly 1/D whenever a layer's scores share a
+        # sign, and has no gradient there to learn from.
+        "graph_skip": distill.graph_skip or learning == "dro",
+        "ratios": learning,
+        "dro_tau": distill.dro_tau,
+        "prototype_features": distill.prototype_features,
     }
 
 
@@ -340,11 +369,12 @@ class KDObjective(nn.Module):
         self.graph: HierarchicalRelational | None = None
         self.graph_args: dict[str, Any] | None = None
         if method in HRKD_METHODS:
-            # F = student hidden size: the paper's raw student outputs (the authors average the
-            # projected outputs instead; docs/distill.md, fidelity notes).
-            self.graph_args = graph_arguments(method, distill, M, num_domains, Hs)
+            # F = student hidden size: the paper's raw student outputs; `projected` averages the
+            # W^embd / W_m^hidn outputs at the teacher's width, as the authors (docs/distill.md).
+            feature = teacher_hidden if distill.prototype_features == "projected" else Hs
+            self.graph_args = graph_arguments(method, distill, M, num_domains, feature)
             self.graph = HierarchicalRelational(**_graph_ctor(self.graph_args))
-            if not distill.graph_trainable:
+            if self.graph_args["ratios"] == "frozen":
                 # The authors' optimiser holds only the student: the graph stays at its random
                 # init, while L_total's gradient still reaches the student through r.
                 self.graph.requires_grad_(False)
@@ -354,6 +384,10 @@ class KDObjective(nn.Module):
         self.teachers: list[TeacherGroup] = list(teachers or [])
         # Set by the run when the training rows' teacher outputs fit in memory (engine.teacher_cache_gib).
         self.teacher_cache: TeacherCache | None = None
+        # Set by the run (main process): check the ratios' regime every this many training steps.
+        self.ratio_watch_every = 0
+        self._watch_step = 0
+        self._watch_regime: str | None = None
         if self.teachers:
             served = sorted(d for g in self.teachers for d in g.domains)
             if served != list(range(num_domains)):
@@ -453,13 +487,19 @@ class KDObjective(nn.Module):
 
     def prototypes(self, db: DistillBatch, student_out) -> Tensor:
         """Eq. 6 per domain from the student's raw outputs: [M+1, D, F] in fp32."""
-        return domain_prototypes(student_out, db, self.prototype_padding)
+        proj = self.proj if self.graph_args and self.graph_args.get("prototype_features") == "projected" else None
+        return domain_prototypes(student_out, db, self.prototype_padding, proj)
 
-    def relational(self, db: DistillBatch, student_out):
-        """The graph's :class:`~hrkd.relational.RelationalOutput` for this step (fp32, autocast off)."""
+    def relational(self, db: DistillBatch, student_out, *, detach: bool = False):
+        """The graph's :class:`~hrkd.relational.RelationalOutput` for this step (fp32, autocast off).
+
+        ``detach``: the graph reads the student's prototypes without sending them a gradient.
+        """
         if self.graph is None:
             raise HRKDError(f"method '{self.method}' has no relational graph; use an HRKD method")
         protos = self.prototypes(db, student_out)
+        if detach:
+            protos = protos.detach()
         # The graph is tiny (D nodes); fp32 keeps the softmaxes of eqs. 8-16 exact under AMP.
         with torch.autocast(protos.device.type, enabled=False):
             return self.graph(protos)
@@ -469,13 +509,26 @@ class KDObjective(nn.Module):
             raise ValueError(f"batch has {len(db.spans)} domain spans, objective expects {self.num_domains}")
         student_out = self.student_outputs(db)
         losses = self.domain_losses(db, student_out, self.teacher_outputs(db))
-        ratios = None
+        ratios = weights = None
         logs: dict[str, Tensor] = {}
+        adversary = None
         if self.graph is not None:
-            # r is not detached (authors): the loss's gradient reaches the student through r too.
-            ratios = self.relational(db, student_out).ratios
+            dro = self.graph_args["ratios"] == "dro"
+            ratios = self.relational(db, student_out, detach=dro).ratios
+            if dro:
+                # The student minimises eq. 17 at the graph's r; the graph maximises it, KL-regularised.
+                weights = ratios.detach()
+                adversary = robust_ratio_loss(ratios, layer_losses(losses.embd, losses.attn, losses.hidn).detach(),
+                                              self.graph_args["dro_tau"])
+                logs["ratio_objective"] = -adversary.detach()
+            else:
+                # r is not detached (authors): the loss's gradient reaches the student through r too.
+                weights = ratios
             logs.update(ratio_logs(ratios))
-        loss = total_kd_loss(losses.embd, losses.attn, losses.hidn, losses.pred, self.gamma, ratios)
+            self._watch_ratios(ratios)
+        loss = total_kd_loss(losses.embd, losses.attn, losses.hidn, losses.pred, self.gamma, weights)
+        if adversary is not None:
+            loss = loss + (adversary - adversary.detach())  # its gradient, not its value: loss stays eq. 17
         logs.update({
             "embd": losses.embd.detach().sum(),
             "attn": losses.attn.detach().sum(),
@@ -483,6 +536,29 @@ class KDObjective(nn.Module):
             "pred": losses.pred.detach().sum(),
         })
         return loss, logs
+
+    def _watch_ratios(self, ratios: Tensor) -> None:
+        """Every ``ratio_watch_every`` training steps, warn once when the ratios' regime changes."""
+        if not (self.training and self.ratio_watch_every):
+            return
+        self._watch_step += 1
+        if self._watch_step % self.ratio_watch_every:
+            return
+        layers = layer_regimes(ratios)
+        regime = ratio_regime(ratios)
+        if regime == self._watch_regime:
+            return
+        self._watch_regime = regime
+        if regime == "uniform":
+            log.warning("step %d: HRKD ratios are uniform (1/D in every layer, spread < %g): eq. 17 is eq. 5 / D "
+                        "here (docs/hrkd-method.md, 'Why the ratios collapse')", self._watch_step, UNIFORM_SPREAD)
+        elif regime == "one-hot":
+            hot = [m for m, r in enumerate(layers) if r == "one-hot"]
+            log.warning("step %d: HRKD ratios are one-hot in layer(s) %s (normalised entropy < %g): intermediate KD "
+                        "is off for all but one domain there; eq. 17's optimum is degenerate (docs/hrkd-method.md)",
+                        self._watch_step, hot, ONE_HOT_ENTROPY)
+        else:
+            log.info("step %d: HRKD ratios are learned (neither uniform nor one-hot in any layer)", self._watch_step)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -499,16 +575,22 @@ class KDObjective(nn.Module):
             self.graph.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("graph.")})
 
 
-def domain_prototypes(student_out, db: DistillBatch, padding: bool) -> Tensor:
+def domain_prototypes(student_out, db: DistillBatch, padding: bool, proj: Sequence[nn.Module] | None = None) -> Tensor:
     """Eq. 6 for every domain's rows of a step: [M+1, D, F] in fp32.
 
-    ``padding`` True averages over all positions of the step's padded width (paper, authors);
+    ``proj``: W^embd, W_1^hidn..W_M^hidn; given, layer m's prototype averages proj[m]'s outputs
+    (the authors' code) instead of the raw student outputs (the paper).
+
+    ``padding`` True averages over all positions of the step's padded width (eq. 6 as written;
+    the authors pad to a fixed 128, we to the step's longest row);
     False over real tokens only.
     """
     mask = db.batch.attention_mask
+    layers = [student_out.embeddings, *student_out.hidden_states]
+    if proj is not None:
+        layers = [p(x) for p, x in zip(proj, layers)]
     return stack_domain_prototypes([
-        layer_prototypes(student_out.embeddings[a:z].float(), [h[a:z].float() for h in student_out.hidden_states],
-                         None if padding else mask[a:z])
+        layer_prototypes(layers[0][a:z].float(), [h[a:z].float() for h in layers[1:]], None if padding else mask[a:z])
         for a, z in db.spans
     ])
 
@@ -526,13 +608,22 @@ def _graph_ctor(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def ratio_logs(ratios: Tensor) -> dict[str, Tensor]:
-    """On-device means of :func:`~hrkd.relational.ratio_diagnostics` (no host sync on the hot path)."""
+    """:func:`~hrkd.relational.ratio_diagnostics` on device (no host sync on the hot path).
+
+    The means over layers (``ratio_spread``, ``ratio_entropy``) and, per layer m, ``ratio/m<m>/``
+    ``min``, ``max``, ``entropy`` (normalised) and ``dev`` (max |r - 1/D|).
+    """
     r = ratios.detach().float()
     domains = r.shape[1]
-    spread = (r.max(dim=1).values - r.min(dim=1).values).mean()
+    low, high = r.min(dim=1).values, r.max(dim=1).values
     entropy = -torch.special.xlogy(r, r).sum(dim=1)
     normalised = entropy / math.log(domains) if domains > 1 else torch.ones_like(entropy)
-    return {"ratio_spread": spread, "ratio_entropy": normalised.mean()}
+    deviation = (r - 1.0 / domains).abs().max(dim=1).values
+    logs = {"ratio_spread": (high - low).mean(), "ratio_entropy": normalised.mean()}
+    for m in range(r.shape[0]):
+        logs.update({f"ratio/m{m}/min": low[m], f"ratio/m{m}/max": high[m], f"ratio/m{m}/entropy": normalised[m],
+                     f"ratio/m{m}/dev": deviation[m]})
+    return logs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,6 +642,8 @@ def save_relational(objective: KDObjective, out_dir: str | Path, tokenizer, meta
         objective.student.encoder.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({k: v.detach().cpu() for k, v in objective.graph.state_dict().items()}, tmp / GRAPH_FILE)
+        if objective.graph_args.get("prototype_features") == "projected":
+            torch.save({k: v.detach().cpu() for k, v in objective.proj.state_dict().items()}, tmp / PROJ_FILE)
         write_json(tmp / GRAPH_META, {"graph": objective.graph_args, "method": objective.method,
                                       "prototype_padding": objective.prototype_padding, **metadata})
     return out_dir
@@ -562,6 +655,7 @@ class _RelationalProbe:
     graph: HierarchicalRelational
     prototype_padding: bool
     domains: list[str] | None
+    proj: nn.ModuleList | None = None
 
 
 def load_relational(path: str | Path) -> _RelationalProbe:
@@ -579,7 +673,13 @@ def load_relational(path: str | Path) -> _RelationalProbe:
         student = MultiDomainBert.from_pretrained(path, num_labels=1, domains=None)  # head unused
         graph = HierarchicalRelational(**_graph_ctor(meta["graph"]))
     graph.load_state_dict(torch.load(path / GRAPH_FILE, map_location="cpu", weights_only=True))
-    return _RelationalProbe(student.eval(), graph.eval(), bool(meta["prototype_padding"]), meta.get("domains"))
+    proj = None
+    if meta["graph"].get("prototype_features") == "projected":
+        width = int(meta["graph"]["feature_dim"])
+        proj = nn.ModuleList(nn.Linear(student.hidden_size, width) for _ in range(student.num_layers + 1))
+        proj.load_state_dict(torch.load(path / PROJ_FILE, map_location="cpu", weights_only=True))
+        proj.eval()
+    return _RelationalProbe(student.eval(), graph.eval(), bool(meta["prototype_padding"]), meta.get("domains"), proj)
 
 
 def relational_ratios(objective_or_saved_dir: KDObjective | str | Path,
@@ -600,7 +700,9 @@ def relational_ratios(objective_or_saved_dir: KDObjective | str | Path,
         obj = objective_or_saved_dir
         if obj.graph is None:
             raise HRKDError(f"method '{obj.method}' has no relational graph; pass an HRKD-method objective")
-        probe = _RelationalProbe(obj.student, obj.graph, obj.prototype_padding, getattr(obj.student, "domains", None))
+        projected = obj.graph_args is not None and obj.graph_args.get("prototype_features") == "projected"
+        probe = _RelationalProbe(obj.student, obj.graph, obj.prototype_padding, getattr(obj.student, "domains", None),
+                                 obj.proj if projected else None)
     else:
         probe = load_relational(objective_or_saved_dir)
     domains = probe.domains
@@ -615,6 +717,8 @@ def relational_ratios(objective_or_saved_dir: KDObjective | str | Path,
     if len(batches) != probe.graph.num_domains:
         raise HRKDError(f"got batches for {len(batches)} domains but the graph has {probe.graph.num_domains}; pass one per domain")
     device = next(probe.student.parameters()).device
+    if probe.proj is not None:
+        probe.proj.to(device)
     db = concat_domain_batches([b.to(device) for b in batches])
     modes = (probe.student.training, probe.graph.training)
     probe.student.eval()
@@ -624,7 +728,7 @@ def relational_ratios(objective_or_saved_dir: KDObjective | str | Path,
             b = db.batch
             out = probe.student(b.input_ids, b.attention_mask, b.token_type_ids,
                                 domain=0 if len(probe.student.heads) > 1 else None, taps=_taps(True, ()))
-            protos = domain_prototypes(out, db, probe.prototype_padding)
+            protos = domain_prototypes(out, db, probe.prototype_padding, probe.proj)
             with torch.autocast(device.type, enabled=False):
                 rel = probe.graph(protos)
     finally:

@@ -39,6 +39,7 @@ from hrkd.distill.objective import (
 from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
 from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, write_json
+from hrkd.relational import regime_counts, regime_of_counts
 from hrkd.teachers import RunPaths, _summarise, domain_accuracy, save_selected
 
 log = logging.getLogger("hrkd.distill")
@@ -133,6 +134,7 @@ def distill_student(
                                     teacher_hidden=int(teacher_cfg.hidden_size))
             # No batch is wider than the longest training row (collate trims to it).
             width = max(int(task.splits[task.domains[d]]["train"].lengths.max()) for d in domains)
+            objective.ratio_watch_every = params.engine.log_every if runtime.is_main else 0
             objective.enable_teacher_cache([task.sizes("train")[d] for d in domains], width,
                                            params.engine.teacher_cache_gib)
             schedule = Schedule(kind="single" if single else "parallel", sizes=tuple(task.sizes("train")),
@@ -183,7 +185,8 @@ def distill_student(
             return {}
         metrics = _summarise(selected, task.domains)
         if relational:
-            metrics["ratios"] = {mode: {k: round(relational[mode]["diagnostics"][k], 6) for k in DIAGNOSTIC_KEYS}
+            metrics["ratios"] = {mode: {**{k: round(relational[mode]["diagnostics"][k], 6) for k in DIAGNOSTIC_KEYS},
+                                        **regime_counts(relational[mode]["ratios"])}
                                  for mode in ("eval", "train_mode")}
         write_json(tmp / "student.json", {
             "method": method, "teacher": teacher_kind, "run": name, "task": task.name, "seed": seed,
@@ -195,6 +198,12 @@ def distill_student(
     log.info("student %s/%s test accuracy: %s", task.name, name,
              " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
     if relational:
+        for mode, what in (("eval", "eval mode"), ("train_mode", "graph dropout on")):
+            regime = regime_of_counts(metrics["ratios"][mode])
+            if regime != "learned":
+                log.warning("the selected student's ratios are %s (%s, dev batch): %s", regime, what,
+                            "eq. 17 reduces to eq. 5 / D" if regime == "uniform"
+                            else "intermediate KD is off for all but one domain in some layer")
         log.info("ratios (dev batch): eval-mode mean spread %.2e, normalised entropy %.4f; with graph dropout %.2e, %.4f",
                  metrics["ratios"]["eval"]["mean_spread"], metrics["ratios"]["eval"]["mean_normalised_entropy"],
                  metrics["ratios"]["train_mode"]["mean_spread"], metrics["ratios"]["train_mode"]["mean_normalised_entropy"])

@@ -54,11 +54,14 @@ def collect(params: Params, root: str | Path = ".") -> Report:
     header = provenance(metrics)
     decimals = params.report.decimals
     tables: list[T.Table] = [T.dataset_table(metrics, paper)]
-    for task in params.tasks:
-        tables.append(T.results_table(metrics, paper, task))
+    results = {task: T.results_table(metrics, paper, task) for task in params.tasks}
+    tables += results.values()
     # Table 4 is Amazon's; the other tasks' ablations follow as extras.
     for task in sorted(params.tasks, key=lambda t: metrics.meta(t)["kind"] != "amazon"):
         tables.append(T.ablation_table(metrics, paper, task))
+    for task in params.tasks:
+        ablations = next(t for t in tables if t.name == f"table4_{task}")
+        tables.append(T.teacher_gap_table(results[task], ablations, task))
     sig = [T.significance(metrics, paper, task, params.report.min_pairs) for task in params.tasks]
     tables.append(T.significance_table(sig, params.report.alpha))
     points = T.fewshot_points(metrics, paper) if params.fewshot.tasks else []

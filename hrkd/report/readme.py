@@ -29,7 +29,8 @@ def markers(block: str) -> tuple[str, str]:
 
 
 # (table file under reports/tables/, shown in the README); missing optional ones are skipped.
-README_TABLES = ("table2_mnli", "table3_amazon", "table4_amazon", "significance", "figure2")
+README_TABLES = ("table2_mnli", "table3_amazon", "table4_amazon", "teacher_gap_amazon", "teacher_gap_mnli",
+                 "significance", "figure2")
 README_FIGURES = ("figure2.png", "case_study_ratios.png")
 
 

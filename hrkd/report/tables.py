@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hrkd.errors import HRKDError
+from hrkd.relational import regime_of_counts
 from hrkd.report.collect import META_RUN, META_TEACHER, Metrics, RunMetrics
 from hrkd.report.paper import PaperValues
 from hrkd.report.stats import PairedTest, improvement_rate, mean_std, paired_t_test
 
 TITLES = {"mnli": "MNLI", "amazon": "Amazon Reviews"}
 RESULTS_TABLE = {"mnli": "table2", "amazon": "table3"}
-HRKD_METHODS = ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical")
+HRKD_METHODS = ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "hrkd-dro", "hrkd-frozen")
 BASELINE = "multi-domain-kd"  # HRKD-teacher -TinyBERT-KD-> BERT_S, the row HRKD is tested against
 
 
@@ -48,7 +49,7 @@ class Column:
     key: str
     header: str
     # acc: % with std and paper/diff; count: integer with paper/diff; int: plain integer;
-    # stat: a statistic (4 significant digits); text: row.texts[key]
+    # stat: a statistic (4 significant digits); diff: a signed difference in points; text: row.texts[key]
     fmt: str = "acc"
 
 
@@ -93,7 +94,12 @@ ABLATION_ROWS = [  # (row key in Table 4, label, run)
     ("no-comp-agg", "− Comp-Agg", "no-comp-agg"),
     ("no-hierarchical", "− Hierarchical Rel.", "no-hierarchical"),
     ("no-domain-rel", "− Domain Rel.", "no-domain-rel"),
+    ("hrkd-dro", "HRKD, robust ratios (not in the paper)", "hrkd-dro"),
+    ("hrkd-frozen", "HRKD, graph frozen at init (authors' code)", "hrkd-frozen"),
 ]
+
+
+EXTENSION_RUNS = frozenset({"hrkd-dro", "hrkd-frozen"})  # Table 4 rows that are not in the paper
 
 
 def _pct(x: float) -> float:
@@ -170,6 +176,8 @@ def ablation_table(metrics: Metrics, paper: PaperValues, task: str) -> Table:
     ref = paper.results("table4", list(meta["domains"])) if meta["kind"] == "amazon" else None
     rows = []
     for key, label, run in ABLATION_ROWS:
+        if run in EXTENSION_RUNS and run not in params.distill.methods:
+            continue  # our variants appear only when run
         if run == "no-domain-rel" and run not in params.distill.methods:
             run = BASELINE  # the same computation (docs/distill.md): Table 4's row equals Table 3's baseline
         runs = metrics.student(task, run) if run in params.distill.methods else []
@@ -184,6 +192,40 @@ def ablation_table(metrics: Metrics, paper: PaperValues, task: str) -> Table:
                                 "(docs/distill.md), i.e. the HRKD-teacher →(TinyBERT-KD) row of Tables 2-3."]
     return Table(f"table4_{task}", title, ("KD Method", "run"), cols, rows,
                  legend=_accuracy_legend(ref is not None, len(params.seeds)), notes=notes)
+
+
+def _teacher_row_of(run: str) -> str:
+    """The teacher row a student run was distilled from (its row key in Tables 2-3)."""
+    if run.endswith("-tinybert-kd"):
+        return f"teacher-{run.removesuffix('-tinybert-kd')}"
+    return f"teacher-{META_TEACHER}" if run == META_RUN else "teacher-hrkd"
+
+
+def teacher_gap_table(results: Table, ablations: Table, task: str) -> Table:
+    """Each student's distance from the teacher it was distilled from: student mean − teacher, points.
+
+    Built from Tables 2-3 and 4 as rendered, so it can never disagree with them.
+    """
+    teachers = {r.key: r for r in results.rows if r.key.startswith("teacher-")}
+    students = [r for r in results.rows if not r.key.startswith("teacher-")]
+    seen = {r.second for r in students}
+    students += [r for r in ablations.rows if r.second not in seen]
+    cols = [Column(c.key, c.header, "diff") for c in results.columns]
+    rows = []
+    for r in students:
+        teacher = teachers.get(_teacher_row_of(r.second))
+        cells = {}
+        for c in cols:
+            s, t = r.cells.get(c.key), teacher.cells.get(c.key) if teacher else None
+            ok = s is not None and t is not None and s.value is not None and t.value is not None
+            cells[c.key] = Cell(s.value - t.value if ok else None)
+        rows.append(Row(r.label, r.second, r.key, cells, r.runs,
+                        note="" if teacher and r.runs else r.note or "teacher not available"))
+    legend = ("Student test accuracy (mean over seeds) minus the test accuracy of the teacher it was distilled from "
+              "(the row's teacher in Tables 2-3: TinyBERT-KD rows their teacher kind, Meta-distillation the "
+              "Meta-teacher, every multi-domain method the HRKD-teacher), in points; negative = below the teacher.")
+    return Table(f"teacher_gap_{task}", f"Students' distance from their teachers on {task} (points)",
+                 ("Student", "run"), cols, rows, legend=legend)
 
 
 def dataset_table(metrics: Metrics, paper: PaperValues) -> Table:
@@ -392,8 +434,16 @@ DIAG_KEYS = (("mean_spread", "spread"), ("mean_normalised_entropy", "norm. entro
 DIAG_MODES = (("eval", "eval"), ("train_mode", "dropout-on"))
 
 
+def _regime_text(diag: dict[str, float]) -> str:
+    if "one_hot_layers" not in diag:
+        return "n/a (rerun the stage)"
+    counts = {k: int(diag[k]) for k in ("uniform_layers", "learned_layers", "one_hot_layers")}
+    return f"{regime_of_counts(counts)} ({counts['uniform_layers']}/{counts['learned_layers']}/{counts['one_hot_layers']})"
+
+
 def diagnostics_table(metrics: Metrics) -> Table:
     cols = [Column(f"{mode}.{key}", f"{label}: {short}", "stat") for mode, label in DIAG_MODES for key, short in DIAG_KEYS]
+    cols += [Column(f"{mode}.regime", f"{label}: regime", "text") for mode, label in DIAG_MODES]
     rows = []
     params = metrics.params
     for task in params.tasks:
@@ -404,11 +454,14 @@ def diagnostics_table(metrics: Metrics) -> Table:
                 if not rm.ratios:
                     raise HRKDError(f"{rm.path} has no 'ratios' diagnostics: rerun `dvc repro -f distill@{task}-{run}-{seed}`")
                 cells = {f"{mode}.{key}": Cell(float(rm.ratios[mode][key])) for mode, _ in DIAG_MODES for key, _ in DIAG_KEYS}
-                rows.append(Row(task, f"{run} seed {seed}", run, cells, 1))
+                texts = {f"{mode}.regime": _regime_text(rm.ratios[mode]) for mode, _ in DIAG_MODES}
+                rows.append(Row(task, f"{run} seed {seed}", run, cells, 1, texts=texts))
     legend = ("r = domain-relational ratios of the selected student on the first `batch_size` dev rows of every domain "
               "(from the students' metrics files). spread = mean over layers of max_d r − min_d r; norm. entropy = "
               "entropy(r) / log D (1 = uniform); eval = graph dropout off; dropout-on = the graph in train mode, as in "
-              "training (seeded).")
+              "training (seeded). regime: uniform = every layer's spread below 1e-6 (r = 1/D: eq. 17 is eq. 5 / D); "
+              "one-hot = some layer's normalised entropy below 0.2 (one domain holds ~95 % of it); learned = neither; "
+              "in brackets the layers uniform/learned/one-hot. Training-time curves: `dvc plots show` (train/ratio/*).")
     return Table("ratio_diagnostics", "Ratio diagnostics of the HRKD-method students", ("Task", "Run"), cols, rows,
                  legend=legend)
 
@@ -444,6 +497,8 @@ def format_cell(cell: Cell | None, fmt: str, decimals: int) -> str:
         return _stat(cell.value)
     if fmt == "int":
         return f"{int(cell.value):d}"
+    if fmt == "diff":
+        return "–" if cell.value is None else _signed(cell.value, decimals)
     if fmt == "count":
         ours = "–" if cell.value is None else f"{int(cell.value):,}"
         if cell.paper is None:
