@@ -4,7 +4,7 @@ Paper dimensions (--dims paper): a random-weight BERT-base (12L/768/12 heads/307
 sequence length 128, batch 32 — for the ``hrkd`` kind one batch of 32 from each of 5 domains
 per step, as the HRKD-teacher trains. Each step is forward + backward + clip + AdamW under the
 engine's autocast (bf16 on GPUs that support it). --dims small is the `small` profile (MiniLM-L6,
-batch 8, seq 64, 4 domains); --model loads a real checkpoint (local folder or hub id) in place of
+batch 8, seq 48, 4 domains); --model loads a real checkpoint (local folder or hub id) in place of
 random weights. --dims tiny is a seconds-long CPU smoke check.
 
     python benchmarks/bench_teacher.py --dims paper --device cuda
@@ -32,7 +32,7 @@ log = logging.getLogger("bench_teacher")
 
 DIMS = {
     "paper": {"model": (12, 768, 12, 3072), "domains": 5, "batch": 32, "seq": 128, "vocab": 30522, "labels": 3},
-    "small": {"model": (6, 384, 12, 1536), "domains": 4, "batch": 8, "seq": 64, "vocab": 30522, "labels": 2},
+    "small": {"model": (6, 384, 12, 1536), "domains": 4, "batch": 8, "seq": 48, "vocab": 30522, "labels": 2},
     "tiny": {"model": (2, 32, 4, 64), "domains": 3, "batch": 4, "seq": 32, "vocab": 100, "labels": 3},
 }
 

@@ -19,6 +19,7 @@ from hrkd.data.amazon import build_amazon, decode_review, parse_reviews, read_so
 from hrkd.data.format import read_meta, read_split, read_stats
 from hrkd.data.prepare import prepare_task
 from hrkd.errors import HRKDError
+from helpers import tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon" / "domain_sentiment_data.tar.gz"
@@ -31,10 +32,6 @@ def _params(source: str, **amazon: object):
     raw["profile"] = "paper"
     raw["data"]["amazon"].update(source=source, counts={d: list(c) for d, c in COUNTS.items()}, **amazon)
     return parse_params(raw)
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +90,9 @@ def test_real_archive_text_is_verbatim(prepared: Path) -> None:
 @needs_archive
 def test_real_archive_is_deterministic(prepared: Path, tmp_path: Path) -> None:
     prepare_task(_params(str(ARCHIVE)), "amazon", tmp_path / "again")
-    assert _files(prepared) == _files(tmp_path / "again")
+    assert tree_bytes(prepared) == tree_bytes(tmp_path / "again")
     prepare_task(_params(str(ARCHIVE), split_seed=7), "amazon", tmp_path / "other")
-    assert _files(tmp_path / "other")["books/train.parquet"] != _files(prepared)["books/train.parquet"]
+    assert tree_bytes(tmp_path / "other")["books/train.parquet"] != tree_bytes(prepared)["books/train.parquet"]
 
 
 @needs_archive

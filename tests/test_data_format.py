@@ -24,6 +24,7 @@ from hrkd.data.format import (
     write_task,
 )
 from hrkd.errors import HRKDError
+from helpers import tree_bytes
 
 
 def _pair_task() -> tuple[TaskMeta, dict[str, dict[str, pd.DataFrame]]]:
@@ -41,10 +42,6 @@ def _pair_task() -> tuple[TaskMeta, dict[str, dict[str, pd.DataFrame]]]:
         for d in ("a", "b")
     }
     return meta, splits
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_meta_stats_and_columns(tmp_path: Path) -> None:
@@ -90,7 +87,7 @@ def test_rewrite_is_byte_identical(tmp_path: Path) -> None:
     meta, splits = _pair_task()
     write_task(tmp_path / "one", meta, splits)
     write_task(tmp_path / "two", meta, splits)
-    first, second = _files(tmp_path / "one"), _files(tmp_path / "two")
+    first, second = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "two")
     assert len(first) == 2 + 2 * 3
     assert first == second
 
@@ -117,11 +114,11 @@ def test_bad_split_is_rejected_and_nothing_written(tmp_path: Path, mutate, messa
 def test_failed_rewrite_keeps_previous_output(tmp_path: Path) -> None:
     meta, splits = _pair_task()
     write_task(tmp_path / "out", meta, splits)
-    before = _files(tmp_path / "out")
+    before = tree_bytes(tmp_path / "out")
     splits["a"]["test"] = splits["a"]["test"].assign(text="")
     with pytest.raises(HRKDError):
         write_task(tmp_path / "out", meta, splits)
-    assert _files(tmp_path / "out") == before
+    assert tree_bytes(tmp_path / "out") == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

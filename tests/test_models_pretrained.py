@@ -20,6 +20,7 @@ from hrkd.errors import HRKDError
 from hrkd.io import read_json
 from hrkd.models import MultiDomainBert
 from hrkd.models.pretrained import build_pretrained, load_encoder, load_tokenizer
+from helpers import tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta river stone light quiet movie kitchen phone travel story".split()
@@ -214,15 +215,11 @@ def poolerless(tmp_path_factory) -> Path:
     return root
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_weights_a_checkpoint_lacks_start_from_models_seed(tmp_path, poolerless):
     raw = raw_params(str(poolerless), str(poolerless), profile="paper")
     first = build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "a")
     build_pretrained(parse_params(raw), tmp_path / "unused", tmp_path / "b")
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")  # byte-identical, pooler included
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")  # byte-identical, pooler included
     assert first["teacher"]["seeded_weights"] == first["student"]["seeded_weights"] == [
         "pooler.dense.bias", "pooler.dense.weight"]
     teacher = BertModel.from_pretrained(tmp_path / "a" / "teacher").state_dict()
