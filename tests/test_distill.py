@@ -274,7 +274,7 @@ def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
         o = build(world, "hrkd", ratios="frozen", graph_skip=True)
         if detach:
             real = o.relational
-            o.relational = lambda *args: type(real(*args))(real(*args).ratios.detach(), [], None)
+            o.relational = lambda *args, **kw: type(real(*args, **kw))(real(*args, **kw).ratios.detach(), [], None)
         o(db)[0].backward()
         return torch.cat([p.grad.flatten() for p in o.student.encoder.parameters() if p.grad is not None])
 

@@ -407,6 +407,8 @@ def test_diagnostics_table_states_each_hrkd_runs_regime(amazon):
     assert dro.texts["eval.regime"] == "learned (1/2/0)"
     md = T.to_markdown(table, "", 1)
     assert "eval: regime" in md and "uniform (3/0/0)" in md
+    assert T._regime_text({"mean_spread": 0.0}) == "uniform (all layers)"  # metrics from before the counts
+    assert T._regime_text({"mean_spread": 0.1}) == "n/a (rerun the stage)"
 
 
 def test_teacher_gap_is_student_minus_its_own_teacher(amazon):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hrkd.errors import HRKDError
-from hrkd.relational import regime_of_counts
+from hrkd.relational import UNIFORM_SPREAD, regime_of_counts
 from hrkd.report.collect import META_RUN, META_TEACHER, Metrics, RunMetrics
 from hrkd.report.paper import PaperValues
 from hrkd.report.stats import PairedTest, improvement_rate, mean_std, paired_t_test
@@ -436,7 +436,8 @@ DIAG_MODES = (("eval", "eval"), ("train_mode", "dropout-on"))
 
 def _regime_text(diag: dict[str, float]) -> str:
     if "one_hot_layers" not in diag:
-        return "n/a (rerun the stage)"
+        # Metrics written before the counts existed: a zero mean spread still means every layer is 1/D.
+        return "uniform (all layers)" if diag["mean_spread"] < UNIFORM_SPREAD else "n/a (rerun the stage)"
     counts = {k: int(diag[k]) for k in ("uniform_layers", "learned_layers", "one_hot_layers")}
     return f"{regime_of_counts(counts)} ({counts['uniform_layers']}/{counts['learned_layers']}/{counts['one_hot_layers']})"
 
