@@ -425,9 +425,9 @@ class KDObjective(nn.Module):
         if not self.teachers or budget_gib <= 0:
             return False
         teacher = self.teachers[0].model
-        shape = dict(sizes=tuple(sizes), width=int(width), heads=teacher.num_attention_heads,
-                     hidden=teacher.hidden_size, labels=teacher.num_labels)
-        need = TeacherCache.bytes_needed(layers=len(self.layer_map), **shape) / 2**30
+        shape = dict(sizes=tuple(sizes), width=int(width), heads=teacher.num_attention_heads)
+        need = TeacherCache.bytes_needed(layers=len(self.layer_map), hidden=teacher.hidden_size,
+                                         labels=teacher.num_labels, **shape) / 2**30
         if need > budget_gib:
             log.info("teacher outputs recomputed every step: caching them would take %.2f GiB > "
                      "engine.teacher_cache_gib=%g", need, budget_gib)

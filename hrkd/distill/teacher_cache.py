@@ -69,23 +69,23 @@ class _DomainStore:
         self.hidden = {n: like(view.hidden(n), width, hidden) for n in layers}
         self.scores = {n: like(view.scores(n), heads, width, width) for n in layers}
         self.logits = like(view.logits, view.logits.shape[-1])
-        self.width = torch.zeros(rows, dtype=torch.long)  # 0 = not computed yet (host side: no device sync)
+        self.filled = torch.zeros(rows, dtype=torch.bool)  # host side: checking it needs no device sync
 
 
 class TeacherCache:
-    """Per-domain stores for the training rows of one run; filled lazily by :meth:`store`.
+    """Per-domain stores for the training rows of one run; filled lazily by :meth:`put`.
 
     ``sizes[d]``: training rows of the objective's local domain d; ``width``: the longest row
     (``max_seq_len``); ``layers``: the 1-based teacher layers whose hidden states and scores
-    the losses read; ``heads``/``hidden``/``labels``: the teacher's shapes.
+    the losses read; ``heads``: the teacher's attention heads (the other shapes come from the
+    first outputs stored).
     """
 
-    def __init__(self, sizes: Sequence[int], width: int, layers: Sequence[int], heads: int, hidden: int,
-                 labels: int) -> None:
+    def __init__(self, sizes: Sequence[int], width: int, layers: Sequence[int], heads: int) -> None:
         self.sizes = tuple(int(n) for n in sizes)
         self.width = int(width)
         self.layers = tuple(int(n) for n in layers)
-        self.heads, self.hidden_size, self.labels = int(heads), int(hidden), int(labels)
+        self.heads = int(heads)
         self._stores: list[_DomainStore | None] = [None] * len(self.sizes)
         self.hits = 0
         self.misses = 0
@@ -101,7 +101,7 @@ class TeacherCache:
         """Every domain's cached outputs for ``rows``, ``width`` wide, or None if any row is new."""
         if width > self.width or len(rows) != len(self.sizes):
             return None
-        if any(store is None or bool((store.width[idx] == 0).any())
+        if any(store is None or not bool(store.filled[idx].all())
                for store, idx in zip(self._stores, rows)):
             self.misses += 1
             return None
@@ -135,4 +135,4 @@ class TeacherCache:
                 store.hidden[n][at] = view.hidden(n)
                 store.scores[n][at] = view.scores(n)
             store.logits[at] = view.logits
-            store.width[idx] = self.width
+            store.filled[idx] = True
