@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hrkd.errors import HRKDError
 
@@ -228,6 +228,17 @@ class Profile(Section):
         return self
 
 
+def _device_list(value: Any) -> Any:
+    """3 / [0, 1] / "0,1" -> "3" / "0,1" (the CUDA_VISIBLE_DEVICES form)."""
+    if isinstance(value, bool):
+        return value  # rejected by the str check, not read as device 1
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return ",".join(map(str, value))
+    return value
+
+
 class Engine(Section):
     """How runs execute; none of this changes the maths of a run."""
 
@@ -242,6 +253,24 @@ class Engine(Section):
     # step when they fit in this many GiB (the same numbers up to float rounding, one teacher
     # forward per row per run instead of per epoch); 0 recomputes them every step.
     teacher_cache_gib: Annotated[float, Field(ge=0.0)] = 2.0
+    # The GPUs a stage may use (CUDA_VISIBLE_DEVICES): 3, [0, 1] or "0,1"; null = all visible. No
+    # stage tracks engine settings, so `dvc exp run --queue -S engine.gpus=3` pins a queued
+    # experiment to GPU 3 without invalidating anything (docs/experiments.md). On the command line
+    # write several as a list, -S 'engine.gpus=[0,1]': Hydra reads 0,1 as a sweep of two runs.
+    gpus: Annotated[str, BeforeValidator(_device_list), Field(pattern=r"^[0-9]+(,[0-9]+)*$")] | None = None
+    # DDP across machines (torchrun's static rendezvous): every one of the nnodes machines runs the
+    # same stage with nproc processes and its own node_rank; node 0 (master_addr:master_port)
+    # writes the outputs.
+    nnodes: Annotated[int, Field(ge=1)] = 1
+    node_rank: Annotated[int, Field(ge=0)] = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Annotated[int, Field(ge=1, le=65535)] = 29500
+
+    @model_validator(mode="after")
+    def _node_rank_in_range(self) -> "Engine":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} needs nnodes > {self.node_rank} (node ranks are 0..nnodes-1)")
+        return self
 
 
 TeacherKind = Literal["single", "mix", "mtl", "hrkd"]

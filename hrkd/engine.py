@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,15 +148,33 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def maybe_relaunch(nproc: int, argv: list[str] | None = None) -> None:
-    """Re-run this script under torchrun with ``nproc`` processes unless already inside it."""
-    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+def launch_command(engine: Engine, argv: list[str]) -> list[str] | None:
+    """The torchrun command that runs ``argv`` as ``engine`` asks, or None for one plain process."""
+    if engine.nproc <= 1 and engine.nnodes <= 1:
+        return None
+    if engine.nnodes > 1:  # static rendezvous: the same command on every machine, its own node_rank
+        where = [f"--nnodes={engine.nnodes}", f"--node_rank={engine.node_rank}",
+                 f"--master_addr={engine.master_addr}", f"--master_port={engine.master_port}"]
+    else:
+        where = ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={engine.nproc}", *argv]
+
+
+def maybe_relaunch(engine: Engine, argv: list[str] | None = None) -> None:
+    """Pin the stage to ``engine.gpus`` and re-run it under torchrun when DDP is asked for.
+
+    Inside torchrun (``LOCAL_RANK`` set) this only pins the GPUs, which the children inherit anyway.
+    """
+    if engine.gpus is not None:  # before anything initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = engine.gpus
+    if "LOCAL_RANK" in os.environ:
+        return
+    cmd = launch_command(engine, list(sys.argv if argv is None else argv))
+    if cmd is None:
         return
     import subprocess
 
-    argv = list(sys.argv if argv is None else argv)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
-    log.info("relaunching under torchrun with %d processes", nproc)
+    log.info("relaunching under torchrun: %d node(s) x %d process(es)", engine.nnodes, engine.nproc)
     raise SystemExit(subprocess.call(cmd))
 
 
@@ -197,6 +216,16 @@ def warmup_constant(step: int, total: int, warmup: int) -> float:
 
 
 LR_SCHEDULES = {"linear": linear_warmup_decay, "constant": warmup_constant}
+
+
+def discard_resume(root: str | Path, runtime: Runtime) -> None:
+    """Delete a stage's resume folder once all its outputs are written.
+
+    Resume state is scratch, not a DVC output (an output marked ``persist`` would keep the stage out
+    of DVC's run-cache): a killed stage resumes from it, a successful one leaves nothing behind.
+    """
+    if runtime.is_main:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +341,29 @@ class Trainer:
         tmp = self._state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self._state_path)
+        self._snapshot_live()
         write_json(self.resume_dir / "status.json", {"complete": False, "fingerprint": self.fingerprint, "step": self.step})
+
+    @property
+    def _live_snapshot(self) -> Path:
+        return self.resume_dir / "live"
+
+    def _snapshot_live(self) -> None:
+        """Keep the DVCLive folder as of this state: DVC deletes a stage's outputs before rerunning it,
+        and rows logged after the state would be logged twice on resume."""
+        if self.live_dir is None or not self.live_dir.is_dir():
+            return
+        tmp = self._live_snapshot.with_name("live.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.live_dir, tmp)
+        shutil.rmtree(self._live_snapshot, ignore_errors=True)
+        os.replace(tmp, self._live_snapshot)
+
+    def _restore_live(self) -> None:
+        if self.live_dir is None or not self._live_snapshot.is_dir():
+            return
+        shutil.rmtree(self.live_dir, ignore_errors=True)
+        shutil.copytree(self._live_snapshot, self.live_dir)
 
     def _try_resume(self) -> bool:
         if not self._state_path.is_file():
@@ -339,8 +390,6 @@ class Trainer:
 
     def _reset_resume_dir(self) -> None:
         if self.runtime.is_main and self.resume_dir.exists():
-            import shutil
-
             for child in self.resume_dir.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
 
@@ -395,6 +444,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         resumed = self._try_resume()
+        if resumed and self.runtime.is_main:
+            self._restore_live()
         if not resumed:
             self._reset_resume_dir()
         live = self._open_live(resumed)

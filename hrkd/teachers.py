@@ -27,7 +27,7 @@ from torch import nn
 
 from hrkd.config import Params, TrainSettings
 from hrkd.data.loading import Batch, Schedule, TaskSplits, collate, eval_batches
-from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
+from hrkd.engine import SHARED, Runtime, Trainer, discard_resume, seed_everything
 from hrkd.io import atomic_dir, write_json
 
 log = logging.getLogger("hrkd.teachers")
@@ -213,6 +213,7 @@ def train_teacher(
         write_json(tmp / "teacher.json", {"kind": kind, "task": task.name, "domains": task.domains,
                                           "labels": task.labels, "metrics": metrics})
     write_json(paths.metrics, metrics)
+    discard_resume(paths.resume, runtime)
     log.info("teacher %s/%s test accuracy: %s", task.name, kind,
              " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
     return metrics

@@ -39,7 +39,7 @@ def main(
     params = load_params(params_file)
     params.task(task)
     name = run_name(method, teacher)  # unknown method / teacher kind -> one-line error
-    maybe_relaunch(params.engine.nproc)
+    maybe_relaunch(params.engine)
     tag = f"{task}-{name}-{seed}"
     paths = RunPaths(
         out=out or Path("models/students") / task / name / str(seed),

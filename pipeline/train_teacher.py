@@ -36,7 +36,7 @@ def main(
     params.task(task)
     if kind not in MULTI_HEAD:
         raise HRKDError(f"unknown teacher kind '{kind}': choose one of {sorted(MULTI_HEAD)}")
-    maybe_relaunch(params.engine.nproc)
+    maybe_relaunch(params.engine)
     tag = f"{task}-{kind}"
     paths = RunPaths(
         out=out or Path("models/teachers") / task / kind,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from torch import nn
 
 from hrkd.config import Engine, TrainSettings
 from hrkd.data.loading import EncodedSplit, Schedule, TaskSplits, collate, shard
-from hrkd.engine import NonFiniteLoss, Runtime, Trainer, linear_warmup_decay, seed_everything, warmup_constant
+from hrkd.engine import (NonFiniteLoss, Runtime, Trainer, launch_command, linear_warmup_decay, seed_everything,
+                         warmup_constant)
 from hrkd.teachers import per_domain_summed_ce
 
 ENGINE = Engine(progress=False, log_every=2)
@@ -178,6 +180,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert not (tmp_path / "run" / "resume" / "state.pt").exists()
 
 
+def _live_rows(live: Path) -> dict[str, str]:
+    # train/calls counts the toy's forward calls in this process, which a resume cannot know.
+    return {str(p.relative_to(live)): p.read_text() for p in sorted((live / "plots").rglob("*.tsv"))
+            if p.name != "calls.tsv"}
+
+
+def test_resume_rebuilds_the_live_log_that_dvc_deleted(tmp_path):
+    """DVC deletes a stage's outputs (the DVCLive folder among them) before rerunning it; the resumed
+    run must end with exactly the curves of an uninterrupted one: no rows lost, none logged twice."""
+    task = toy_task()
+    full = make_trainer(task, tmp_path / "full", live_dir=tmp_path / "full" / "live")
+    full.fit()
+    crashed = make_trainer(task, tmp_path / "run", live_dir=tmp_path / "run" / "live", stop_at_step=7)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()  # state saved at step 5, rows of steps 6-7 already logged
+    shutil.rmtree(tmp_path / "run" / "live")
+    make_trainer(task, tmp_path / "run", live_dir=tmp_path / "run" / "live").fit()
+    expected = _live_rows(tmp_path / "full" / "live")
+    assert expected and _live_rows(tmp_path / "run" / "live") == expected
+
+
 def test_resume_state_of_another_configuration_is_ignored(tmp_path):
     task = toy_task()
     crashed = make_trainer(task, tmp_path, stop_at_step=5)
@@ -229,20 +252,30 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    """One process, two processes on one node, and two single-process "nodes" that meet through
+    torchrun's static rendezvous (engine.nnodes/node_rank/master_*, as on two machines) train the
+    same model: the commands are the ones maybe_relaunch runs."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
+    layouts = {"1 process": [Engine(nproc=1)], "1 node x 2": [Engine(nproc=2)]}
+    port = _free_port()
+    layouts["2 nodes x 1"] = [Engine(nproc=1, nnodes=2, node_rank=r, master_port=port) for r in (0, 1)]
     results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
+    for name, engines in layouts.items():
+        out = tmp_path / name.replace(" ", "_")
         out.mkdir()
         env = {**os.environ, "TESTS_DIR": str(Path(__file__).parent), "OUT": str(out), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = torch.load(out / "params.pt")
-    for k in results[1]:
-        assert torch.allclose(results[1][k], results[2][k], atol=1e-5), k
+        cmds = [launch_command(e, [str(script)]) or [sys.executable, str(script)] for e in engines]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in cmds]
+        for proc in procs:
+            output, _ = proc.communicate(timeout=240)
+            assert proc.returncode == 0, output[-3000:]
+        results[name] = torch.load(out / "params.pt")
+    assert launch_command(Engine(), ["x.py"]) is None
+    for name in ("1 node x 2", "2 nodes x 1"):
+        for k in results["1 process"]:
+            assert torch.allclose(results["1 process"][k], results[name][k], atol=1e-5), (name, k)
 
 
 def test_runs_and_benchmarks_share_one_fused_adamw():
@@ -253,3 +286,32 @@ def test_runs_and_benchmarks_share_one_fused_adamw():
     opt = make_optimizer(module, 0.01, 1e-3)
     assert opt.defaults["fused"] is True
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
+
+
+# -- where a stage runs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, visible", [(3, "3"), ([0, 1], "0,1"), ("0,1", "0,1")])
+def test_engine_gpus_pins_the_stage_before_cuda_starts(given, visible, monkeypatch):
+    from hrkd.engine import maybe_relaunch
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as inside torchrun: pin only, never relaunch
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    maybe_relaunch(Engine(gpus=given))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
+
+
+@pytest.mark.parametrize("bad", [{"gpus": True}, {"gpus": "a"}, {"gpus": -1}, {"nnodes": 2, "node_rank": 2}])
+def test_engine_rejects_impossible_placements(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        Engine(**bad)
+
+
+def test_multi_node_command_uses_static_rendezvous():
+    cmd = launch_command(Engine(nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29600), ["s.py"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-1] == "s.py"
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29600",
+            "--nproc_per_node=4"} <= set(cmd) and "--standalone" not in cmd
+    assert "--standalone" in launch_command(Engine(nproc=2), ["s.py"])

@@ -153,10 +153,17 @@ def test_report_reads_only_outputs_and_lists_its_modules(scratch):
     assert all(o.startswith("reports/") for o in (str(o.def_path) for o in report.outs))
 
 
-def test_declared_metrics_and_plots_are_outputs():
+def test_declared_metrics_and_plots_are_outputs(scratch):
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     text = (REPO / "dvc.yaml").read_text()
-    assert "reports/summary.json" in spec["metrics"]
+    with repo_at(scratch) as repo:
+        outs = [o for s in repo.index.stages for o in s.outs]
+    metric_files = {str(o.def_path) for o in outs if o.is_metric}
+    # Every metrics file is its stage's declared metric (what `dvc metrics show/diff` and
+    # `dvc exp show` read) and cached, so it travels with the run-cache and `dvc push`.
+    assert "reports/summary.json" in metric_files
+    assert {str(o.def_path) for o in outs if str(o.def_path).startswith("metrics/")} <= metric_files
+    assert all(o.use_cache for o in outs)
     plot_files = []
     for entry in spec["plots"]:
         (name, body), = entry.items() if isinstance(entry, dict) else ((entry, None),)

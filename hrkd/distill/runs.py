@@ -36,7 +36,7 @@ from hrkd.distill.objective import (
     save_relational,
     teacher_checkpoints,
 )
-from hrkd.engine import SHARED, Runtime, Trainer, seed_everything
+from hrkd.engine import SHARED, Runtime, Trainer, discard_resume, seed_everything
 from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, write_json
 from hrkd.relational import regime_counts, regime_of_counts
@@ -195,6 +195,7 @@ def distill_student(
                if relational else {}),
         })
     write_json(paths.metrics, metrics)
+    discard_resume(paths.resume, runtime)
     log.info("student %s/%s test accuracy: %s", task.name, name,
              " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
     if relational:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from hrkd.config import Params, TrainSettings
 from hrkd.data.loading import Schedule, TaskSplits, shard
-from hrkd.engine import Runtime, Trainer, fingerprint, seed_everything
+from hrkd.engine import Runtime, Trainer, discard_resume, fingerprint, seed_everything
 from hrkd.errors import HRKDError
 from hrkd.io import atomic_dir, read_json, write_json
 from hrkd.losses import mse, soft_cross_entropy, uniform_layer_map
@@ -287,6 +287,7 @@ def distill_metakd(
             "stage_b": stage_b.model_dump(), "metrics": metrics,
         })
     write_json(paths.metrics, metrics)
+    discard_resume(paths.resume, runtime)
     log.info("student %s/%s test accuracy: %s", task.name, METHOD,
              " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
     return metrics
