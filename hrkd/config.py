@@ -349,6 +349,10 @@ class Distill(Section):
     # relative losses while the student minimises it (method hrkd-dro always uses dro).
     ratios: RatioLearning = "paper"
     dro_tau: Annotated[float, Field(gt=0.0)] = 1.0
+    # dro: the graph's learning rate as a fraction of the student's. At the student's rate the
+    # adversary chases each batch's loss noise (its objective ends below the uniform r's); the
+    # robust optimum is close to uniform on real data (relative losses 0.87-1.19).
+    dro_graph_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     graph_skip: bool = False  # true = root/skip term in both GAT layers (not in the paper; dro implies it)
     graph_heads: Annotated[int, Field(ge=1)] = 8
     graph_hidden: Annotated[int, Field(ge=1)] | None = None  # None = prototype width F

@@ -190,17 +190,30 @@ def make_optimizer(module: nn.Module, weight_decay: float, lr: float) -> torch.o
     checkpoint the 30k-row embedding matrix makes the optimiser step dominate small batches
     (all-MiniLM-L6-v2: 0.13 s foreach vs 0.02 s fused on this project's 2-core CPU).
     """
-    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, fused=True)
+    return torch.optim.AdamW(param_groups(module, weight_decay, lr), lr=lr, fused=True)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """BERT convention: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict[str, Any]]:
+    """BERT convention: no weight decay on biases and LayerNorm weights.
+
+    A module may set ``lr_scales`` {name prefix: factor}: those parameters get their own groups
+    at ``lr * factor`` (the schedule multiplies every group's rate alike). Without it, or
+    without ``lr``, the two groups are exactly as before.
+    """
+    scales = dict(getattr(module, "lr_scales", None) or {}) if lr is not None else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+        nodecay = p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias")
+        groups.setdefault((scale, nodecay), []).append(p)
+    out = [{"params": groups.get((1.0, False), []), "weight_decay": weight_decay},
+           {"params": groups.get((1.0, True), []), "weight_decay": 0.0}]
+    for (scale, nodecay), params in groups.items():
+        if scale != 1.0:
+            out.append({"params": params, "weight_decay": 0.0 if nodecay else weight_decay, "lr": lr * scale})
+    return out
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:

@@ -111,6 +111,7 @@ class GraphAttentionLayer(nn.Module):
         dropout: float = 0.1,
         negative_slope: float = NEGATIVE_SLOPE,
         skip: bool = False,
+        activation: bool = True,
     ) -> None:
         super().__init__()
         _positive("graph input size", in_features)
@@ -120,6 +121,7 @@ class GraphAttentionLayer(nn.Module):
         self.out_features = out_features
         self.dropout = dropout
         self.negative_slope = negative_slope
+        self.activation = activation  # False: return the pre-ELU sum (a linear output layer)
         self.weight = nn.Parameter(torch.empty(heads, in_features, out_features))
         self.attention = nn.Parameter(torch.empty(heads, 2 * out_features))
         # The "root" term gives each node a contribution of its own that the shared
@@ -147,7 +149,7 @@ class GraphAttentionLayer(nn.Module):
         mixed = torch.einsum("kij,kjo->kio", F.dropout(attention, self.dropout, self.training), transformed)
         if self.self_weight is not None:
             mixed = mixed + torch.einsum("df,kfo->kdo", nodes, self.self_weight)
-        out = F.elu(mixed)  # [K, D, F']
+        out = F.elu(mixed) if self.activation else mixed  # [K, D, F']
         return out.permute(1, 0, 2).reshape(nodes.shape[0], -1), attention
 
 
@@ -157,6 +159,9 @@ class DomainGraph(nn.Module):
     Layer 1: K heads of W_m [F -> F'] and a_m, concatenated to K*F' (eq. 9). Layer 2: one head
     of W'_m [K*F' -> 1] and a'_m in R^2 (eqs. 10-12). r_m = softmax over domains of layer 2's
     ELU output (eq. 10). ``skip=True`` adds a separate W_self h_i inside both layers' ELU.
+    ``output_elu=False`` drops layer 2's ELU, so r = softmax of its linear output: the ELU is
+    bounded below by -1, and once every node's layer-2 input is far below 0 all logits are
+    -1 to fp32 (r exactly 1/D) with a gradient of exp(input) ~ 0, a state training cannot leave.
     """
 
     def __init__(
@@ -168,14 +173,23 @@ class DomainGraph(nn.Module):
         dropout: float = 0.1,
         negative_slope: float = NEGATIVE_SLOPE,
         skip: bool = False,
+        output_elu: bool = True,
     ) -> None:
         super().__init__()
         self.first = GraphAttentionLayer(
             feature_dim, hidden_dim, heads, dropout=dropout, negative_slope=negative_slope, skip=skip
         )
         self.second = GraphAttentionLayer(
-            heads * hidden_dim, 1, 1, dropout=dropout, negative_slope=negative_slope, skip=skip
+            heads * hidden_dim, 1, 1, dropout=dropout, negative_slope=negative_slope, skip=skip,
+            activation=output_elu,
         )
+        if not output_elu:
+            # A linear output starts at zero: r = 1/D exactly (the KL term's prior) with a live
+            # gradient, instead of a random r whose spread is larger than the robust optimum's.
+            with torch.no_grad():
+                self.second.weight.zero_()
+                if self.second.self_weight is not None:
+                    self.second.self_weight.zero_()
 
     def logits(self, nodes: Tensor) -> Tensor:
         """The ELU outputs of eq. 10 before the softmax, one per domain: [D]."""
@@ -275,7 +289,8 @@ class HierarchicalRelational(nn.Module):
     graph_hidden None means F' = feature_dim, the authors' choice; graph_heads=8 and
     dropout=0.1 are their defaults too. Ablations (Table 4): self_attention=False (RP = h),
     comp_agg=False (plain mean of layers 0..m), hierarchical=False (graph input h_m only).
-    graph_skip=True adds the root term W_self h_i to both graph layers (not in the paper).
+    graph_skip=True adds the root term W_self h_i to both graph layers (not in the paper);
+    graph_output_elu=False makes layer 2 linear (not in the paper; see :class:`DomainGraph`).
     """
 
     def __init__(
@@ -291,6 +306,7 @@ class HierarchicalRelational(nn.Module):
         comp_agg: bool = True,
         hierarchical: bool = True,
         graph_skip: bool = False,
+        graph_output_elu: bool = True,
     ) -> None:
         super().__init__()
         _positive("num_layers", num_layers)
@@ -305,7 +321,7 @@ class HierarchicalRelational(nn.Module):
         self.uses_reference = hierarchical and comp_agg
         hidden = feature_dim if graph_hidden is None else graph_hidden
         self.graphs = nn.ModuleList(
-            DomainGraph(feature_dim, hidden, graph_heads, dropout=dropout, skip=graph_skip)
+            DomainGraph(feature_dim, hidden, graph_heads, dropout=dropout, skip=graph_skip, output_elu=graph_output_elu)
             for _ in range(num_layers + 1)
         )
         # Index m-1 holds layer m's modules; layer 0 has none (see the class docstring).

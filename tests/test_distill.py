@@ -373,3 +373,15 @@ def test_projected_prototypes_average_the_projections_and_survive_a_reload(world
     save_relational(obj, tmp_path / "rel", world["tok"], {"domains": DOMAINS})
     assert (tmp_path / "rel" / "projections.pt").is_file()
     assert torch.allclose(relational_ratios(tmp_path / "rel", batches)["ratios"], live, atol=1e-6)
+
+
+def test_only_dro_trains_its_graph_at_a_scaled_learning_rate(world):
+    """distill.dro_graph_lr_scale reaches the optimiser through KDObjective.lr_scales."""
+    from hrkd.engine import param_groups
+
+    dro = build(world, "hrkd-dro")
+    assert dro.lr_scales == {"graph.": 0.1} and build(world, "hrkd").lr_scales == {}
+    graph = {id(p) for p in dro.graph.parameters()}
+    groups = param_groups(dro, 0.01, 1e-3)
+    scaled = [p for g in groups if g.get("lr") == 1e-3 * 0.1 for p in g["params"]]
+    assert {id(p) for p in scaled} == graph

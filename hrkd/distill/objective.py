@@ -102,6 +102,10 @@ def graph_arguments(method: str, distill: Distill, num_layers: int, num_domains:
         # dro needs the skip term: without it r is exactly 1/D whenever a layer's scores share a
         # sign, and has no gradient there to learn from.
         "graph_skip": distill.graph_skip or learning == "dro",
+        # dro also drops the ELU on the graph's output: under the KL pull toward uniform, training
+        # drives every node's layer-2 input far below 0, where ELU = -1 exactly (r = 1/D to fp32)
+        # and its gradient exp(x) vanishes, so r stays uniform for good (docs/hrkd-method.md).
+        "graph_output_elu": learning != "dro",
         "ratios": learning,
         "dro_tau": distill.dro_tau,
         "prototype_features": distill.prototype_features,
@@ -368,12 +372,15 @@ class KDObjective(nn.Module):
             nn.init.zeros_(layer.bias)
         self.graph: HierarchicalRelational | None = None
         self.graph_args: dict[str, Any] | None = None
+        self.lr_scales: dict[str, float] = {}
         if method in HRKD_METHODS:
             # F = student hidden size: the paper's raw student outputs; `projected` averages the
             # W^embd / W_m^hidn outputs at the teacher's width, as the authors (docs/distill.md).
             feature = teacher_hidden if distill.prototype_features == "projected" else Hs
             self.graph_args = graph_arguments(method, distill, M, num_domains, feature)
             self.graph = HierarchicalRelational(**_graph_ctor(self.graph_args))
+            if self.graph_args["ratios"] == "dro" and distill.dro_graph_lr_scale != 1.0:
+                self.lr_scales = {"graph.": float(distill.dro_graph_lr_scale)}  # read by engine.param_groups
             if self.graph_args["ratios"] == "frozen":
                 # The authors' optimiser holds only the student: the graph stays at its random
                 # init, while L_total's gradient still reaches the student through r.
@@ -604,7 +611,8 @@ def _taps(hidden: bool, layers):
 def _graph_ctor(args: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("num_layers", "num_domains", "feature_dim", "graph_hidden", "graph_heads", "dropout",
             "self_attention", "comp_agg", "hierarchical", "graph_skip")
-    return {k: args[k] for k in keys}
+    # Graphs saved before graph_output_elu existed all had the ELU on their output.
+    return {**{k: args[k] for k in keys}, "graph_output_elu": args.get("graph_output_elu", True)}
 
 
 def ratio_logs(ratios: Tensor) -> dict[str, Tensor]:
