@@ -32,7 +32,7 @@ from torch import nn
 from hrkd.config import Engine, TrainSettings
 from hrkd.data.loading import Schedule, Step
 from hrkd.errors import HRKDError
-from hrkd.io import write_json
+from hrkd.io import atomic_file, write_json
 
 log = logging.getLogger("hrkd.engine")
 
@@ -350,10 +350,8 @@ class Trainer:
             "best": {d: (s.step, s.dev) for d, s in self.best.items()},
             "history": self.history,
         }
-        self.resume_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self._state_path)
+        with atomic_file(self._state_path, "wb") as handle:
+            torch.save(state, handle)
         self._snapshot_live()
         write_json(self.resume_dir / "status.json", {"complete": False, "fingerprint": self.fingerprint, "step": self.step})
 
@@ -435,10 +433,9 @@ class Trainer:
                         if k in candidates and (k not in self.best or candidates[k] > self.best[k].dev)]
             if improved:
                 path = self._best_path(self.step)
-                path.parent.mkdir(parents=True, exist_ok=True)
                 state = {k: v.detach().to("cpu").clone() for k, v in self.snapshot(self.module).items()}
-                torch.save(state, path.with_suffix(".tmp"))
-                os.replace(path.with_suffix(".tmp"), path)
+                with atomic_file(path, "wb") as handle:
+                    torch.save(state, handle)
                 for k in improved:
                     self.best[k] = Selection(step=self.step, dev=candidates[k])
                 keep = {self._best_path(s.step).name for s in self.best.values()}

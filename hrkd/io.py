@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from hrkd.errors import HRKDError
+
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
@@ -57,3 +59,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def read_stage_json(path: str | os.PathLike, stage: str) -> Any:
+    """Read a JSON file another DVC stage writes, or stop with one line naming that stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise HRKDError(f"{path} not found: run `dvc repro {stage}` (or `dvc repro`) before the report")
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise HRKDError(f"{path} is not readable JSON ({err}); rerun `dvc repro -f {stage}`") from None

@@ -20,6 +20,7 @@ __all__ = [
     "embedding_loss",
     "hidden_loss",
     "layer_losses",
+    "masked_attention_scores",
     "mse",
     "robust_ratio_loss",
     "soft_cross_entropy",
@@ -91,6 +92,14 @@ def attention_loss(
     every head has the same number of entries, (1/h) sum_i MSE_i equals the mean over all
     B*h*L*L entries, which is how it is computed.
     """
+    return mse(*masked_attention_scores(student_scores, teacher_scores, attention_mask, mask_queries=mask_queries))
+
+
+def masked_attention_scores(
+    student_scores: Tensor, teacher_scores: Tensor, attention_mask: Tensor, *, mask_queries: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Both [B, h, L, L] score tensors with padded key columns (and, with ``mask_queries``, padded
+    query rows) set to 0: the masking rule of eq. 3 here and of Meta-KD's per-example loss."""
     _check_same_shape(student_scores, teacher_scores, "attention_loss")
     if student_scores.dim() != 4:
         raise ValueError(f"attention scores must be [B, h, L, L], got {tuple(student_scores.shape)}")
@@ -105,7 +114,7 @@ def attention_loss(
     if mask_queries:
         keep = keep & real[:, None, :, None]
     zero = student_scores.new_zeros(())
-    return mse(torch.where(keep, student_scores, zero), torch.where(keep, teacher_scores, zero))
+    return torch.where(keep, student_scores, zero), torch.where(keep, teacher_scores, zero)
 
 
 def soft_cross_entropy(

@@ -35,7 +35,7 @@ from hrkd.config import Params, TrainSettings
 from hrkd.data.loading import Schedule, TaskSplits, shard
 from hrkd.engine import Runtime, Trainer, discard_resume, fingerprint, seed_everything
 from hrkd.errors import HRKDError
-from hrkd.io import atomic_dir, read_json, write_json
+from hrkd.io import atomic_dir, atomic_file, read_json, write_json
 from hrkd.losses import mse, soft_cross_entropy, uniform_layer_map
 from hrkd.metakd.losses import (
     expertise_weights,
@@ -323,6 +323,6 @@ def _stage_a(objective: MetaDistillObjective, config: dict[str, Any], settings: 
     trainer.finish()
     if runtime.is_main:
         state = {k: v.detach().cpu() for k, v in objective.student.state_dict().items()}
-        torch.save(state, saved.with_suffix(".tmp"))
-        saved.with_suffix(".tmp").replace(saved)
+        with atomic_file(saved, "wb") as handle:
+            torch.save(state, handle)
     runtime.barrier()

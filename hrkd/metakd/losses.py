@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrkd.errors import HRKDError
+from hrkd.losses import masked_attention_scores
 
 __all__ = [
     "expertise_weights",
@@ -116,18 +117,8 @@ def per_example_attention_mse(
     (the code's "entries <= -100 -> 0" after adding -10000 at padded keys) and still count in the
     mean over heads x L x L. ``mask_queries`` also zeroes padded query rows (not the authors').
     """
-    if student_scores.shape != teacher_scores.shape or student_scores.dim() != 4:
-        raise ValueError(f"attention scores must both be [B, h, L, L]: {tuple(student_scores.shape)} vs "
-                         f"{tuple(teacher_scores.shape)}")
-    batch, _, queries, keys = student_scores.shape
-    if attention_mask.shape != (batch, keys) or queries != keys:
-        raise ValueError(f"attention_mask must be [{batch}, {keys}], got {tuple(attention_mask.shape)}")
-    real = attention_mask.to(torch.bool)
-    keep = real[:, None, None, :]
-    if mask_queries:
-        keep = keep & real[:, None, :, None]
-    zero = student_scores.new_zeros(())
-    return per_example_mse(torch.where(keep, student_scores, zero), torch.where(keep, teacher_scores, zero))
+    return per_example_mse(*masked_attention_scores(student_scores, teacher_scores, attention_mask,
+                                                    mask_queries=mask_queries))
 
 
 def per_example_soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,

@@ -16,7 +16,7 @@ from typing import Any
 
 from hrkd.config import Params
 from hrkd.errors import HRKDError
-from hrkd.io import read_json
+from hrkd.io import read_stage_json
 
 log = logging.getLogger("hrkd.report")
 
@@ -38,12 +38,7 @@ class RunMetrics:
 
 
 def _read_run(path: Path, stage: str) -> RunMetrics:
-    if not path.is_file():
-        raise HRKDError(f"{path} not found: run `dvc repro {stage}` (or `dvc repro`) before the report")
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as err:
-        raise HRKDError(f"{path} is not readable JSON ({err}); rerun `dvc repro -f {stage}`") from None
+    data = read_stage_json(path, stage)
     if not isinstance(data, dict) or not isinstance(data.get("test"), dict) or "average" not in data["test"]:
         raise HRKDError(f"{path} has no test accuracies ('test': {{domain: acc, 'average': acc}}); rerun `dvc repro -f {stage}`")
     return RunMetrics(path, dict(data["test"]), dict(data.get("dev", {})), data.get("ratios"))
@@ -93,17 +88,10 @@ class Metrics:
     def stats(self, task: str, fewshot_tag: str | None = None) -> dict[str, Any]:
         folder = (self.root / "data" / "prepared" / task if fewshot_tag is None
                   else self.root / "data" / "fewshot" / task / fewshot_tag)
-        path = folder / "stats.json"
-        if not path.is_file():
-            stage = f"prepare@{task}" if fewshot_tag is None else f"fewshot@{task}"
-            raise HRKDError(f"{path} not found: run `dvc repro {stage}` before the report")
-        return read_json(path)
+        return read_stage_json(folder / "stats.json", f"prepare@{task}" if fewshot_tag is None else f"fewshot@{task}")
 
     def meta(self, task: str) -> dict[str, Any]:
-        path = self.root / "data" / "prepared" / task / "meta.json"
-        if not path.is_file():
-            raise HRKDError(f"{path} not found: run `dvc repro prepare@{task}` before the report")
-        return read_json(path)
+        return read_stage_json(self.root / "data" / "prepared" / task / "meta.json", f"prepare@{task}")
 
 
 def _student_stage(task: str, run: str, seed: int) -> str:
