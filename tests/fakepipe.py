@@ -9,6 +9,7 @@ exactly as with the real commands, in seconds, and the log says which stages ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -130,7 +131,8 @@ def build(root: Path, log: Path, grid: dict[str, Any] | None = None) -> list[str
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     _merge(params, SMALL_GRID if grid is None else grid)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in (".gitignore", ".dvcignore"):
+    # data.dvc too: a frozen import of a URL nothing here can reach, as on a fresh offline clone.
+    for name in (".gitignore", ".dvcignore", "data.dvc"):
         shutil.copy(REPO / name, root / name)
     for tree in ("hrkd", "pipeline"):  # the code deps, so DVC hashes real files
         shutil.copytree(REPO / tree, root / tree, ignore=shutil.ignore_patterns("__pycache__"))
@@ -159,7 +161,7 @@ def _describe(root: Path, log: Path) -> list[str]:
     try:
         with Repo(root) as repo:
             described = {}
-            stages = list(repo.index.stages)
+            stages = [s for s in repo.index.stages if not s.frozen]  # data.dvc never runs
             every_dep = {str(d.def_path) for s in stages for d in s.deps if not isinstance(d, ParamsDependency)}
             for stage in stages:
                 outs = {}
@@ -199,3 +201,84 @@ def wait_for_queue(root: Path, timeout_s: float = 300) -> str:
             return status
         time.sleep(1)
     raise AssertionError(f"the queue did not finish in {timeout_s:.0f} s:\n{status}")
+
+
+# -- a committed dvc.lock over fake outputs (no commands run at all) -------------------------------------------
+
+
+@contextlib.contextmanager
+def repo_at(root: Path):
+    """Open the scratch repository from inside it (DVC resolves stage paths against the cwd)."""
+    from dvc.repo import Repo
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with Repo(root) as repo:
+            yield repo
+    finally:
+        os.chdir(cwd)
+
+
+def fake(path: Path, content: str) -> None:
+    """A stand-in output: a small file, or a folder holding one (distinct contents per stage)."""
+    if path.suffix in (".json", ".md", ".csv", ".png", ".yaml", ".tsv"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "fake").write_text(content + "\n")
+
+
+def status_of(root: Path, **changes) -> set[str]:
+    """Stage names `dvc status` reports after applying dotted-key changes to params.yaml (then restored)."""
+    params = root / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        with repo_at(root) as repo:
+            return set(repo.status())
+    finally:
+        params.write_text(original)
+
+
+def faked_lock(root: Path) -> Path:
+    """dvc.yaml and params.yaml in a DVC repository at ``root``, every output faked with a tiny file and
+    recorded by ``dvc commit``, as if `dvc repro` had run: ``dvc status`` then says what a change invalidates."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    Repo.init(root, no_scm=True)
+    with repo_at(root) as repo:
+        stages = list(repo.index.stages)
+    outs = {str(Path(o.def_path)) for s in stages for o in s.outs}
+    for stage in stages:
+        for out in stage.outs:
+            fake(root / out.def_path, stage.addressing)
+    for stage in stages:
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):
+                continue
+            path = Path(dep.def_path)
+            if (root / path).exists():
+                continue
+            if any(str(path).startswith(o + "/") for o in outs):  # a part of another stage's output
+                fake(root / path, stage.addressing)
+                continue
+            src = REPO / path
+            assert src.exists(), f"{stage.addressing} depends on {path}, which is neither in the repository nor an output"
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, root / path) if src.is_dir() else shutil.copy(src, root / path)
+    with repo_at(root) as repo:
+        repo.commit(None, force=True)
+    (root / "stages.txt").write_text("\n".join(s.addressing for s in stages) + "\n")
+    return root
