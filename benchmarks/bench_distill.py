@@ -47,7 +47,8 @@ DIMS = {
 
 def build(method: str, cfg: dict, args, device: torch.device):
     from hrkd.config import Distill
-    from hrkd.distill import KDObjective, TeacherGroup
+    from hrkd.distill.objective import KDObjective
+    from hrkd.distill.teacher_models import TeacherGroup
     from hrkd.models import MultiDomainBert
 
     D = cfg["domains"]
@@ -76,7 +77,7 @@ def build(method: str, cfg: dict, args, device: torch.device):
 
 def make_batch(cfg: dict, device: torch.device):
     from hrkd.data.loading import Batch
-    from hrkd.distill import DistillBatch
+    from hrkd.distill.batches import DistillBatch
 
     D, b, L = cfg["domains"], cfg["per_domain"], cfg["seq"]
     g = torch.Generator().manual_seed(0)
@@ -126,7 +127,7 @@ def bench(method: str, cfg: dict, args, runtime) -> dict:
 
 def main() -> None:
     from hrkd.config import Engine
-    from hrkd.distill import METHODS
+    from hrkd.registry import KD_METHODS as METHODS
     from hrkd.engine import setup_runtime
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -41,15 +41,16 @@ def bench(kind: str, cfg: dict, args, runtime) -> dict:
     from hrkd.data.loading import Batch
     from hrkd.engine import make_optimizer
     from hrkd.models import MultiDomainBert
-    from hrkd.teachers import MULTI_HEAD, ClassifierObjective
+    from hrkd.registry import TEACHERS
+    from hrkd.teachers import ClassifierObjective
 
     device = runtime.device
     D = cfg["domains"]
-    multi = MULTI_HEAD[kind]
+    multi = TEACHERS[kind].multi_head
     model = MultiDomainBert(encoder(args.model, cfg["model"], cfg["vocab"], cfg["seq"], 0), num_labels=cfg["labels"],
                             domains=[f"d{i}" for i in range(D)] if multi else None)
-    objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd").to(device).train()
-    rows = cfg["batch"] * (D if kind == "hrkd" else 1)
+    objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=TEACHERS[kind].sum_domains).to(device).train()
+    rows = cfg["batch"] * (D if TEACHERS[kind].schedule == "parallel" else 1)  # one batch of every domain
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg["vocab"], (rows, cfg["seq"]), generator=g)
     batch = Batch(ids, torch.ones_like(ids), torch.zeros_like(ids), torch.randint(0, cfg["labels"], (rows,), generator=g),
@@ -80,7 +81,7 @@ def bench(kind: str, cfg: dict, args, runtime) -> dict:
 def main() -> None:
     from hrkd.config import Engine
     from hrkd.engine import setup_runtime
-    from hrkd.teachers import MULTI_HEAD
+    from hrkd.registry import TRAINED_TEACHERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper")
@@ -88,14 +89,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    parser.add_argument("--kinds", default="mix,hrkd", help=f"comma-separated teacher kinds from {sorted(MULTI_HEAD)}")
+    parser.add_argument("--kinds", default="mix,hrkd", help=f"comma-separated teacher kinds from {list(TRAINED_TEACHERS)}")
     parser.add_argument("--model", help="real checkpoint (local folder or hub id) instead of random weights")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in MULTI_HEAD]
+    unknown = [k for k in kinds if k not in TRAINED_TEACHERS]
     if unknown:
-        parser.error(f"unknown teacher kind(s) {unknown}; choose from {sorted(MULTI_HEAD)}")
+        parser.error(f"unknown teacher kind(s) {unknown}; choose from {list(TRAINED_TEACHERS)}")
     runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
     cfg = DIMS[args.dims]
     results = {k: bench(k, cfg, args, runtime) for k in kinds}

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hrkd.errors import HRKDError
+from hrkd.registry import KD_METHODS, RATIO_LEARNING, TINYBERT_TEACHERS, TRAINED_TEACHERS
 
 PARAMS_FILE = "params.yaml"
 
@@ -273,11 +274,11 @@ class Engine(Section):
         return self
 
 
-TeacherKind = Literal["single", "mix", "mtl", "hrkd"]
+TeacherKind = Literal[TRAINED_TEACHERS]  # type: ignore[valid-type]
 
 
 class Teacher(Section):
-    kinds: list[TeacherKind] = Field(default_factory=lambda: ["single", "mix", "mtl", "hrkd"], min_length=1)
+    kinds: list[TeacherKind] = Field(default_factory=lambda: list(TRAINED_TEACHERS), min_length=1)
     seed: int = 42
 
 
@@ -321,19 +322,17 @@ class MetaKD(Section):
     distill: MetaKDDistill = MetaKDDistill()
 
 
-DistillMethod = Literal[
-    "tinybert-kd", "multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "no-domain-rel",
-    "hrkd-dro", "hrkd-frozen",
-]
+DistillMethod = Literal[KD_METHODS]  # type: ignore[valid-type]
 # How the relational graph's ratios learn (docs/hrkd-method.md, "How the ratios learn").
-RatioLearning = Literal["paper", "frozen", "dro"]
+RatioLearning = Literal[RATIO_LEARNING]  # type: ignore[valid-type]
 
 
 class Distill(Section):
     """Method hyper-parameters of section 2 (shared by every profile)."""
 
     # Single-domain TinyBERT-KD students are distilled from each of these teacher kinds.
-    tinybert_teachers: list[Literal["single", "mix", "mtl"]] = Field(default_factory=lambda: ["single", "mix", "mtl"])
+    tinybert_teachers: list[Literal[TINYBERT_TEACHERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(TINYBERT_TEACHERS))
     # Multi-domain students distilled from the HRKD-teacher (Tables 2-4).
     methods: list[DistillMethod] = Field(
         default_factory=lambda: ["multi-domain-kd", "hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical",

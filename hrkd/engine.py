@@ -4,8 +4,10 @@ One loop for every method: AdamW with linear warmup/decay, gradient clipping, mi
 on GPU, DDP under torchrun, dev evaluation every N steps with the best checkpoint kept per
 domain (as the authors select), DVCLive logging, a NaN guard, and exact resume after a kill.
 
-Methods plug in through a module whose ``forward(batch)`` returns ``(loss, logs)`` and a
-``make_batch(step)`` that turns a schedule step into that batch on the right device.
+Methods plug in through a :class:`Job`: a module whose ``forward(batch)`` returns
+``(loss, logs)``, a ``make_batch(step)`` that turns a schedule step into that batch on the right
+device, and a dev evaluation. What a stage does around it (staging, selection, saving) is
+:mod:`hrkd.driver`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -265,58 +267,76 @@ class NonFiniteLoss(HRKDError):
     pass
 
 
-class Trainer:
-    """Runs one optimisation: ``settings.epochs`` passes of ``schedule`` over ``module``.
+@dataclass
+class Job:
+    """What one optimisation trains: the method's side of a :class:`Trainer`.
 
-    ``module.forward(batch) -> (loss, logs)`` where logs maps names to scalar tensors.
-    ``evaluate(module) -> {domain: dev accuracy}`` runs on the main process only.
-    ``snapshot(module) -> state_dict`` is what "the best checkpoint of domain d" keeps
-    (e.g. only the student of a distillation wrapper); it defaults to the whole module.
+    ``module.forward(batch) -> (loss, logs)`` where logs maps names to scalar tensors;
+    ``make_batch(step)`` turns a schedule step into that batch on the right device;
+    ``evaluate(module) -> {domain: dev accuracy}`` runs on the main process only;
+    ``snapshot(module) -> state_dict`` is what "the best checkpoint of domain d" keeps (e.g. only
+    the student of a distillation wrapper; default the whole module). ``config`` is the run's
+    record: its fingerprint decides whether a resume state belongs to this run.
+    ``select_average`` also keeps the step with the best average dev accuracy (key ``_shared``).
     """
 
-    def __init__(
-        self,
-        *,
-        module: nn.Module,
-        make_batch: Callable[[Step], Any],
-        schedule: Schedule,
-        settings: TrainSettings,
-        runtime: Runtime,
-        engine: Engine,
-        evaluate: Callable[[nn.Module], dict[str, float]],
-        domains: list[str],
-        resume_dir: str | Path,
-        config: dict[str, Any],
-        live_dir: str | Path | None = None,
-        snapshot: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
-        find_unused_parameters: bool = False,
-        select_average: bool = False,
-        desc: str = "train",
-        stop_at_step: int | None = None,
-    ) -> None:
-        self.module = module.to(runtime.device)
-        self.make_batch = make_batch
-        self.schedule = schedule
+    module: nn.Module
+    make_batch: Callable[[Step], Any]
+    schedule: Schedule
+    settings: TrainSettings
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    domains: list[str]
+    config: dict[str, Any]
+    snapshot: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    find_unused_parameters: bool = False
+    select_average: bool = False
+    desc: str = "train"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a :class:`Trainer` runs and keeps its state."""
+
+    runtime: Runtime
+    engine: Engine
+    resume_dir: Path
+    live_dir: Path | None = None
+
+
+# Called after every optimiser step (after that step's evaluation and state save): progress
+# hooks, or a test's simulated crash.
+Callback = Callable[["Trainer"], None]
+
+
+class Trainer:
+    """Runs one optimisation: ``job.settings.epochs`` passes of ``job.schedule`` over ``job.module``."""
+
+    def __init__(self, job: Job, place: Place, callbacks: Sequence[Callback] = ()) -> None:
+        runtime, settings = place.runtime, job.settings
+        self.job = job
+        self.module = job.module.to(runtime.device)
+        self.make_batch = job.make_batch
+        self.schedule = job.schedule
         self.settings = settings
         self.runtime = runtime
-        self.engine = engine
-        self.evaluate = evaluate
-        self.domains = list(domains)
+        self.engine = place.engine
+        self.evaluate = job.evaluate
+        self.domains = list(job.domains)
         # "_shared": one checkpoint for every domain, the step with the best average dev accuracy.
-        self.selection_keys = self.domains + ([SHARED] if select_average else [])
-        self.resume_dir = Path(resume_dir)
-        self.fingerprint = fingerprint(config)
-        self.live_dir = Path(live_dir) if live_dir is not None else None
-        self.snapshot = snapshot or (lambda m: m.state_dict())
-        self.desc = desc
-        self.stop_at_step = stop_at_step  # tests: simulate a crash after this many steps
-        self.total_steps = settings.epochs * schedule.steps_per_epoch
+        self.selection_keys = self.domains + ([SHARED] if job.select_average else [])
+        self.resume_dir = Path(place.resume_dir)
+        self.fingerprint = fingerprint(job.config)
+        self.live_dir = Path(place.live_dir) if place.live_dir is not None else None
+        self.snapshot = job.snapshot or (lambda m: m.state_dict())
+        self.desc = job.desc
+        self.callbacks = tuple(callbacks)
+        self.total_steps = settings.epochs * self.schedule.steps_per_epoch
         self.wrapped: nn.Module = self.module
         if runtime.world > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.module,
                 device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters,
+                find_unused_parameters=job.find_unused_parameters,
             )
         self.optimizer = make_optimizer(self.module, settings.weight_decay, settings.lr)
         warmup = int(settings.warmup_ratio * self.total_steps)
@@ -512,8 +532,8 @@ class Trainer:
                         live.log_metric("dev/avg/acc", sum(scores.values()) / len(scores))
                         live.make_summary()
                     self._save_state()
-                if self.stop_at_step is not None and self.step >= self.stop_at_step:
-                    raise KeyboardInterrupt(f"simulated interruption at step {self.step}")
+                for callback in self.callbacks:
+                    callback(self)
         finally:
             bar.close()
             if live is not None:

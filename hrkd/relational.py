@@ -361,6 +361,10 @@ class HierarchicalRelational(nn.Module):
 # --------------------------------------------------------------------------- diagnostics
 
 
+# The summary diagnostics a run's metrics keep, with the report's column names.
+DIAGNOSTIC_KEYS = {"mean_spread": "spread", "mean_normalised_entropy": "norm. entropy", "mean_max_abs_dev": "max |r−1/D|"}
+
+
 def ratio_diagnostics(ratios: Tensor) -> dict[str, float | list[float]]:
     """How far the ratios r [M+1, D] are from uniform, per layer and averaged.
 

@@ -7,7 +7,11 @@
 * ``hrkd``   - shared encoder, per-domain heads, every step one batch from every domain with
                their losses summed (HRKD-teacher, section 2.1);
 * ``meta``   - the Meta-KD meta-teacher: ``mix`` plus a domain branch and per-row transferability
-               weights (:mod:`hrkd.metakd.teacher`; its own stage, train_meta_teacher).
+               weights (:mod:`hrkd.metakd.teacher` supplies its objective; its own stage,
+               train_meta_teacher).
+
+How each kind trains is data (:data:`hrkd.registry.TEACHERS`); what a run does around the
+training loop is :mod:`hrkd.driver`.
 
 Every kind ends with one selected checkpoint per domain (best dev accuracy, as the authors
 select) saved as a plain ``BertForSequenceClassification`` directory.
@@ -15,25 +19,24 @@ select) saved as a plain ``BertForSequenceClassification`` directory.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hrkd.config import Params, TrainSettings
-from hrkd.data.loading import Batch, Schedule, TaskSplits, collate, eval_batches
-from hrkd.engine import SHARED, Runtime, Trainer, discard_resume, seed_everything
-from hrkd.io import atomic_dir, write_json
+from hrkd.data.loading import Batch, Schedule, TaskSplits, collate
+from hrkd.driver import Context, Run, RunPaths, drive
+from hrkd.engine import SHARED, Callback, Runtime, seed_everything
+from hrkd.errors import HRKDError
+from hrkd.models import MultiDomainBert, save_domain_classifier
+from hrkd.registry import TEACHERS, teacher_kind
 
 log = logging.getLogger("hrkd.teachers")
-
-MULTI_HEAD = {"single": False, "mix": False, "mtl": True, "hrkd": True, "meta": False}
-SCHEDULE = {"single": "single", "mix": "mix", "mtl": "mtl", "hrkd": "parallel", "meta": "mix"}
 
 
 def per_domain_summed_ce(logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
@@ -67,49 +70,96 @@ class ClassifierObjective(nn.Module):
         return F.cross_entropy(out.logits.float(), batch.labels), {}
 
 
-@torch.inference_mode()
-def domain_accuracy(model: nn.Module, task: TaskSplits, split: str, domain: int, batch_size: int,
-                    runtime: Runtime, multi_head: bool) -> float:
-    correct = total = 0
-    for batch in eval_batches(task, split, domain, batch_size):
-        batch = batch.to(runtime.device)
-        with runtime.autocast():
-            logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                           domain=domain if multi_head else None).logits
-        correct += int((logits.argmax(-1) == batch.labels).sum())
-        total += len(batch)
-    return correct / total if total else float("nan")
+@dataclass
+class TeacherPlan:
+    """One teacher kind on one task, for :func:`hrkd.driver.drive`.
 
-
-def save_selected(
-    *, trainer: Trainer, result, restore, model: nn.Module, task: TaskSplits, domain: int, head: int,
-    out_dir: Path, tokenizer: Any, batch_size: int, runtime: Runtime, multi_head: bool, metadata: dict[str, Any],
-) -> dict[str, Any]:
-    """Restore the checkpoint selected for ``domain``, test it, and save it as a plain classifier.
-
-    ``restore`` loads a best-state snapshot into the trained module (the snapshot's layout is the
-    method's business); returns the selection record {"dev", "test", "step"} for the metrics.
+    ``make_objective(model)`` builds the trainable module around a fresh model (default: the
+    supervised loss of the kind); a kind that trains more than the classifier (Meta-KD's
+    meta-teacher, :mod:`hrkd.metakd.teacher`) passes its own, which may also offer
+    ``batch_maker(task, device)``, ``fingerprint_config()`` and ``save_extra(folder)``.
     """
-    from hrkd.models import save_domain_classifier
 
-    name = task.domains[domain]
-    restore(trainer.best_state(name))
-    test = domain_accuracy(model, task, "test", domain, batch_size, runtime, multi_head)
-    sel = result.best[name]
-    save_domain_classifier(
-        model, head, out_dir / name, tokenizer=tokenizer, labels=task.labels,
-        metadata={**metadata, "domain": name, "selected_step": sel.step, "dev_accuracy": sel.dev,
-                  "test_accuracy": test},
-    )
-    return {"dev": sel.dev, "test": test, "step": sel.step}
+    kind: str
+    task: TaskSplits
+    params: Params
+    pretrained: Path
+    runtime: Runtime
+    settings: TrainSettings
+    tokenizer: Any
+    make_objective: Callable[[nn.Module], nn.Module] | None = None
+    role: str = "teacher"
+
+    @property
+    def label(self) -> str:
+        return f"teacher {self.task.name}/{self.kind}"
+
+    @property
+    def save_shared(self) -> bool:
+        # Written only when distillation will read it: at paper scale it doubles the teacher's disk use.
+        return not TEACHERS[self.kind].per_domain and self.params.distill.teacher_checkpoint == "shared"
+
+    def runs(self, ctx: Context) -> Iterator[Run]:
+        kind, task, params, settings = TEACHERS[self.kind], self.task, self.params, self.settings
+        D = len(task.domains)
+        # single trains one model per domain; the other kinds train one model over all domains.
+        groups = [(d, [d]) for d in range(D)] if kind.per_domain else [(None, list(range(D)))]
+        for run_domain, domains in groups:
+            tag = task.domains[run_domain] if run_domain is not None else None
+            seed_everything(params.teacher.seed)
+            model = MultiDomainBert.from_pretrained(self.pretrained, num_labels=len(task.labels),
+                                                    domains=task.domains if kind.multi_head else None)
+            objective = (self.make_objective(model) if self.make_objective is not None
+                         else ClassifierObjective(model, D, multi_head=kind.multi_head, sum_domains=kind.sum_domains))
+            make_batch = (objective.batch_maker(task, self.runtime.device) if hasattr(objective, "batch_maker")
+                          else _train_batches(task, self.runtime.device))
+            config = {"kind": self.kind, "task": task.name, "domain": tag, "settings": settings.model_dump(),
+                      "seed": params.teacher.seed, "sizes": task.sizes("train"),
+                      "max_seq_len": params.active.max_seq_len, "pretrained": str(self.pretrained),
+                      "world": self.runtime.world}
+            if hasattr(objective, "fingerprint_config"):
+                config.update(objective.fingerprint_config())
+            yield Run(
+                module=objective, model=model, make_batch=make_batch,
+                schedule=Schedule(kind=kind.schedule, sizes=tuple(task.sizes("train")),
+                                  batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0),
+                settings=settings, domains=domains, config=config, multi_head=kind.multi_head,
+                desc=self.label + (f"/{tag}" if tag else ""), find_unused_parameters=kind.unused_parameters,
+                select_average=self.save_shared, subdir=tag, save_with=getattr(objective, "save_extra", None),
+                after=self._save_shared(objective, model) if self.save_shared else None,
+            )
+            del objective, model
+
+    def _save_shared(self, objective: nn.Module, model: nn.Module):
+        save_extra = getattr(objective, "save_extra", None)
+
+        def after(trainer, result, staging: Path) -> None:
+            # The documented alternative to per-domain selection: one checkpoint for all domains.
+            objective.load_state_dict(trainer.best_state(SHARED))
+            multi = TEACHERS[self.kind].multi_head
+            for d, name in enumerate(self.task.domains):
+                save_domain_classifier(
+                    model, d if multi else 0, staging / SHARED / name, tokenizer=self.tokenizer,
+                    labels=self.task.labels,
+                    metadata={"role": "teacher", "kind": self.kind, "task": self.task.name, "domain": name,
+                              "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
+                              "dev_average": result.best[SHARED].dev, "seed": self.params.teacher.seed},
+                )
+                if save_extra is not None:
+                    save_extra(staging / SHARED / name)
+
+        return after
+
+    def summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": self.kind, "task": self.task.name, "domains": self.task.domains, "labels": self.task.labels,
+                "metrics": metrics}
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    out: Path
-    metrics: Path
-    live: Path | None
-    resume: Path
+def _train_batches(task: TaskSplits, device: torch.device):
+    def make_batch(step):
+        return collate(task, "train", step).to(device)
+
+    return make_batch
 
 
 def train_teacher(
@@ -122,109 +172,21 @@ def train_teacher(
     runtime: Runtime,
     paths: RunPaths,
     settings: TrainSettings | None = None,
-    stop_at_step: int | None = None,
-    scores: Sequence[torch.Tensor] | None = None,
+    make_objective: Callable[[nn.Module], nn.Module] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train one teacher kind on ``task`` and write per-domain checkpoints plus metrics.
 
-    ``scores``: the Meta-KD transferability scores of the training rows (kind ``meta`` only;
-    :func:`hrkd.metakd.scores.load_scores`).
+    ``make_objective``: see :class:`TeacherPlan` (Meta-KD's meta-teacher:
+    :func:`hrkd.metakd.teacher.train_meta_teacher`).
     """
-    from hrkd.models import MultiDomainBert, save_domain_classifier
-
-    meta = kind == "meta"
-    settings = settings or (params.active.meta_teacher if meta else params.active.teacher)
-    multi = MULTI_HEAD[kind]
-    D = len(task.domains)
-    # Written only when distillation will read it: at paper scale it doubles the teacher's disk use.
-    save_shared = kind != "single" and params.distill.teacher_checkpoint == "shared"
-    selected: dict[str, dict[str, Any]] = {}
-    # Only the main process writes; the staging folder replaces paths.out once everything is saved.
-    staging = atomic_dir(paths.out) if runtime.is_main else contextlib.nullcontext(None)
-    with staging as tmp:
-        # single trains one model per domain; the other kinds train one model over all domains.
-        runs = [(d, [d]) for d in range(D)] if kind == "single" else [(None, list(range(D)))]
-        for run_domain, eval_domains in runs:
-            tag = task.domains[run_domain] if run_domain is not None else None
-            seed_everything(params.teacher.seed)
-            model = MultiDomainBert.from_pretrained(pretrained, num_labels=len(task.labels),
-                                                    domains=task.domains if multi else None)
-            if meta:
-                from hrkd.metakd.teacher import MetaTeacherObjective
-
-                objective = MetaTeacherObjective(model, task.domains, params.metakd.teacher, scores)
-            else:
-                objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=kind == "hrkd")
-            schedule = Schedule(kind=SCHEDULE[kind], sizes=tuple(task.sizes("train")),
-                                batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0)
-
-            def make_batch(step, _device=runtime.device):
-                return collate(task, "train", step).to(_device)
-
-            if meta:  # the batch also carries each row's t_i
-                make_batch = objective.batch_maker(task, runtime.device)
-
-            def evaluate(module, _eval=tuple(eval_domains)):
-                return {task.domains[d]: domain_accuracy(module.model, task, "dev", d, settings.eval_batch_size,
-                                                         runtime, multi) for d in _eval}
-
-            sub = (lambda p: p / tag) if tag else (lambda p: p)
-            config = {"kind": kind, "task": task.name, "domain": tag, "settings": settings.model_dump(),
-                      "seed": params.teacher.seed, "sizes": task.sizes("train"),
-                      "max_seq_len": params.active.max_seq_len, "pretrained": str(pretrained), "world": runtime.world}
-            if meta:
-                config.update(objective.fingerprint_config())
-            trainer = Trainer(
-                module=objective, make_batch=make_batch, schedule=schedule, settings=settings, runtime=runtime,
-                engine=params.engine, evaluate=evaluate, domains=[task.domains[d] for d in eval_domains],
-                resume_dir=sub(paths.resume), live_dir=sub(paths.live) if paths.live else None, config=config,
-                find_unused_parameters=kind in ("mtl", "meta"), stop_at_step=stop_at_step, select_average=save_shared,
-                desc=f"teacher {task.name}/{kind}" + (f"/{tag}" if tag else ""),
-            )
-            result = trainer.fit()
-            if runtime.is_main:
-                for d in eval_domains:
-                    selected[task.domains[d]] = save_selected(
-                        trainer=trainer, result=result, restore=objective.load_state_dict, model=model, task=task,
-                        domain=d, head=d if multi else 0, out_dir=tmp, tokenizer=tokenizer,
-                        batch_size=settings.eval_batch_size, runtime=runtime, multi_head=multi,
-                        metadata={"role": "teacher", "kind": kind, "task": task.name,
-                                  "settings": settings.model_dump(), "seed": params.teacher.seed,
-                                  "max_seq_len": params.active.max_seq_len},
-                    )
-                    if meta:  # meta-distillation's TKD target needs the domain branch of this checkpoint
-                        objective.save_branch(tmp / task.domains[d])
-                if save_shared:
-                    # The documented alternative to per-domain selection: one checkpoint for all domains.
-                    objective.load_state_dict(trainer.best_state(SHARED))
-                    for d, name in enumerate(task.domains):
-                        save_domain_classifier(
-                            model, d if multi else 0, tmp / SHARED / name, tokenizer=tokenizer, labels=task.labels,
-                            metadata={"role": "teacher", "kind": kind, "task": task.name, "domain": name,
-                                      "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
-                                      "dev_average": result.best[SHARED].dev, "seed": params.teacher.seed},
-                        )
-                        if meta:
-                            objective.save_branch(tmp / SHARED / name)
-            trainer.finish()
-        if not runtime.is_main:
-            return {}
-        metrics = _summarise(selected, task.domains)
-        write_json(tmp / "teacher.json", {"kind": kind, "task": task.name, "domains": task.domains,
-                                          "labels": task.labels, "metrics": metrics})
-    write_json(paths.metrics, metrics)
-    discard_resume(paths.resume, runtime)
-    log.info("teacher %s/%s test accuracy: %s", task.name, kind,
-             " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
-    return metrics
-
-
-def _summarise(selected: dict[str, dict[str, Any]], domains: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"dev": {}, "test": {}, "step": {}}
-    for d in domains:
-        out["dev"][d] = round(selected[d]["dev"], 6)
-        out["test"][d] = round(selected[d]["test"], 6)
-        out["step"][d] = selected[d]["step"]
-    for split in ("dev", "test"):
-        out[split]["average"] = round(sum(out[split][d] for d in domains) / len(domains), 6)
-    return out
+    kind_ = teacher_kind(kind)
+    if kind_.metakd and make_objective is None:
+        raise HRKDError("the meta-teacher trains through hrkd.metakd.teacher.train_meta_teacher "
+                        "(`python pipeline/train_teacher.py --kind meta`)")
+    settings = settings or (params.active.meta_teacher if kind_.metakd else params.active.teacher)
+    plan = TeacherPlan(kind, task, params, Path(pretrained), runtime, settings, tokenizer, make_objective)
+    return drive(plan, task=task, tokenizer=tokenizer, runtime=runtime, engine=params.engine, paths=paths,
+                 metadata={"role": "teacher", "kind": kind, "task": task.name, "settings": settings.model_dump(),
+                           "seed": params.teacher.seed, "max_seq_len": params.active.max_seq_len},
+                 callbacks=callbacks)

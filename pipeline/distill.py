@@ -32,13 +32,15 @@ def main(
     scores: Optional[Path] = typer.Option(None, help="Meta-KD transferability scores, metakd only [data/metakd/<task>]."),
 ) -> None:
     from hrkd.config import load_params
-    from hrkd.distill import distill_student, run_name
+    from hrkd.driver import RunPaths
     from hrkd.engine import maybe_relaunch, setup_runtime
-    from hrkd.teachers import RunPaths
+    from hrkd.registry import method as method_spec
+    from hrkd.registry import run_name
 
     params = load_params(params_file)
     params.task(task)
     name = run_name(method, teacher)  # unknown method / teacher kind -> one-line error
+    metakd = method_spec(method).metakd
     maybe_relaunch(params.engine)
     tag = f"{task}-{name}-{seed}"
     paths = RunPaths(
@@ -54,14 +56,17 @@ def main(
     runtime = setup_runtime(params.engine)
     data_dir = data or Path("data/prepared") / task
     task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
-    row_scores = None
-    if method == "metakd":
+    common = dict(task=task_data, params=params, seed=seed, teacher_dir=(teachers or Path("models/teachers") / task) / teacher,
+                  pretrained_student=pretrained, tokenizer=tokenizer, runtime=runtime, paths=paths, fewshot=fewshot)
+    if metakd:
+        from hrkd.metakd.distill import distill_metakd
         from hrkd.metakd.scores import load_scores
 
-        row_scores = load_scores(scores or Path("data/metakd") / task, data_dir, task_data)
-    distill_student(method=method, teacher_kind=teacher, task=task_data, params=params, seed=seed,
-                    teacher_dir=(teachers or Path("models/teachers") / task) / teacher, pretrained_student=pretrained,
-                    tokenizer=tokenizer, runtime=runtime, paths=paths, fewshot=fewshot, scores=row_scores)
+        distill_metakd(scores=load_scores(scores or Path("data/metakd") / task, data_dir, task_data), **common)
+    else:
+        from hrkd.distill.runs import distill_student
+
+        distill_student(method=method, teacher_kind=teacher, **common)
 
 
 if __name__ == "__main__":

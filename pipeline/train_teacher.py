@@ -28,14 +28,13 @@ def main(
                                                      "[data/metakd/<task>]."),
 ) -> None:
     from hrkd.config import load_params
+    from hrkd.driver import RunPaths
     from hrkd.engine import maybe_relaunch, setup_runtime
-    from hrkd.errors import HRKDError
-    from hrkd.teachers import MULTI_HEAD, RunPaths, train_teacher
+    from hrkd.registry import teacher_kind
 
     params = load_params(params_file)
     params.task(task)
-    if kind not in MULTI_HEAD:
-        raise HRKDError(f"unknown teacher kind '{kind}': choose one of {sorted(MULTI_HEAD)}")
+    meta = teacher_kind(kind).metakd  # unknown kind -> one-line error
     maybe_relaunch(params.engine)
     tag = f"{task}-{kind}"
     paths = RunPaths(
@@ -51,13 +50,19 @@ def main(
     runtime = setup_runtime(params.engine)
     data_dir = data or Path("data/prepared") / task
     task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
-    row_scores = None
-    if kind == "meta" and params.metakd.teacher.sample_weights:
+    common = dict(task=task_data, params=params, pretrained=pretrained, tokenizer=tokenizer, runtime=runtime,
+                  paths=paths)
+    if meta:
         from hrkd.metakd.scores import load_scores
+        from hrkd.metakd.teacher import train_meta_teacher
 
-        row_scores = load_scores(scores or Path("data/metakd") / task, data_dir, task_data)
-    train_teacher(kind=kind, task=task_data, params=params, pretrained=pretrained, tokenizer=tokenizer,
-                  runtime=runtime, paths=paths, scores=row_scores)
+        row_scores = (load_scores(scores or Path("data/metakd") / task, data_dir, task_data)
+                      if params.metakd.teacher.sample_weights else None)
+        train_meta_teacher(scores=row_scores, **common)
+    else:
+        from hrkd.teachers import train_teacher
+
+        train_teacher(kind=kind, **common)
 
 
 if __name__ == "__main__":

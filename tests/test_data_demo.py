@@ -194,15 +194,6 @@ def _accuracies(data, n_labels: int) -> tuple[dict[str, float], dict[str, float]
     return pooled, single
 
 
-@pytest.fixture
-def one_thread():
-    # These fits are tiny: thread start-up costs more than it saves on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("task, floor", [("mnli", 0.6), ("amazon", 0.7)])
 def test_learnable_and_pooling_domains_helps(task: str, floor: float, mnli, amazon, one_thread) -> None:
     data, n_labels = (mnli, 3) if task == "mnli" else (amazon, 2)

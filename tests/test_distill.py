@@ -3,105 +3,22 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hrkd.config import Distill
-from hrkd.data.loading import EncodedSplit, Schedule, TaskSplits, collate
-from hrkd.distill import KDObjective, load_teachers, make_distill_batch, relational_ratios, teacher_checkpoints
-from hrkd.distill.objective import concat_domain_batches, ratio_logs
+from hrkd.data.loading import collate
+from hrkd.distill.batches import concat_domain_batches, make_distill_batch
+from hrkd.distill.objective import KDObjective, ratio_logs
+from hrkd.distill.ratios import relational_ratios
+from hrkd.distill.teacher_models import teacher_checkpoints
 from hrkd.engine import param_groups
 from hrkd.errors import HRKDError
-from hrkd.models import MultiDomainBert, save_domain_classifier
+from hrkd.models import MultiDomainBert
 from hrkd.relational import ratio_diagnostics
-
-WORDS = "the a cat dog sat on mat good bad film book plot great awful was is not very fun dull".split()
-LABELS = ["neg", "pos"]
-DOMAINS = ["books", "dvd"]
-HEADS = 4
-S_LAYERS, T_LAYERS = 2, 4
-
-
-def make_tokenizer() -> BertTokenizerFast:
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *WORDS])}
-    return BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=16)
-
-
-def save_encoder(path: Path, hidden: int, layers: int, seed: int, vocab: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=HEADS,
-                     intermediate_size=2 * hidden, max_position_embeddings=16)
-    BertModel(cfg).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-def save_teacher(enc_dir: Path, out: Path, seed: int, tok, *, multi: bool = False) -> MultiDomainBert:
-    torch.manual_seed(seed)
-    model = MultiDomainBert.from_pretrained(enc_dir, num_labels=2, domains=DOMAINS if multi else None)
-    for p in model.encoder.parameters():  # distinct teachers per seed, not just distinct heads
-        p.data.add_(0.3 * torch.randn_like(p))
-    for head in model.heads:
-        torch.nn.init.normal_(head.weight, std=0.5)
-        torch.nn.init.normal_(head.bias)
-    if multi:
-        for d, name in enumerate(DOMAINS):
-            save_domain_classifier(model, d, out / "_shared" / name, tok, LABELS, {"seed": seed})
-    else:
-        save_domain_classifier(model, 0, out, tok, LABELS, {"seed": seed})
-    return model
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Tiny student encoder, per-domain teachers (distinct) and a shared multi-head teacher, on disk."""
-    root = tmp_path_factory.mktemp("distill")
-    tok = make_tokenizer()
-    student = save_encoder(root / "student", 32, S_LAYERS, 1, len(tok))
-    tenc = save_encoder(root / "tenc", 48, T_LAYERS, 2, len(tok))
-    kind = root / "teachers" / "toy" / "hrkd"
-    for i, d in enumerate(DOMAINS):
-        save_teacher(tenc, kind / d, 10 + i, tok)
-    save_teacher(tenc, kind, 20, tok, multi=True)
-    return {"root": root, "student": student, "teachers": kind, "tok": tok}
-
-
-def toy_task(sizes=(10, 7), vocab=len(WORDS) + 6, length=8, seed=0) -> TaskSplits:
-    g = torch.Generator().manual_seed(seed)
-    splits = {}
-    for d, n in zip(DOMAINS, sizes):
-        splits[d] = {}
-        for split, m in (("train", n), ("dev", 6), ("test", 6)):
-            lengths = torch.randint(3, length + 1, (m,), generator=g, dtype=torch.int32)
-            ids = torch.randint(5, vocab, (m, length), generator=g, dtype=torch.int32)
-            ids[:, 0] = 2
-            ids[torch.arange(length)[None, :] >= lengths[:, None]] = 0
-            labels = (ids[:, 1] % 2).long()
-            splits[d][split] = EncodedSplit(ids, torch.zeros_like(ids, dtype=torch.int8), lengths, labels)
-    return TaskSplits(name="toy", labels=LABELS, domains=list(DOMAINS), splits=splits)
-
-
-def build(world, method="multi-domain-kd", checkpoint="per-domain", seed=0, **distill_kw):
-    distill = Distill(teacher_checkpoint=checkpoint, **distill_kw)
-    domains = DOMAINS if method != "tinybert-kd" else DOMAINS[:1]
-    paths = teacher_checkpoints(world["teachers"], "toy", "hrkd", domains, checkpoint)
-    teachers = load_teachers(paths, 2, torch.device("cpu"))
-    torch.manual_seed(seed)
-    student = MultiDomainBert.from_pretrained(world["student"], num_labels=2,
-                                              domains=None if method == "tinybert-kd" else DOMAINS)
-    return KDObjective(student, teachers, num_domains=len(domains), method=method, distill=distill,
-                       teacher_layers=T_LAYERS, teacher_hidden=48).eval()
-
-
-def step_batch(task, domains=(0, 1)):
-    sched = Schedule("parallel" if len(domains) > 1 else "single", tuple(task.sizes("train")), 4, seed=1,
-                     domain=domains[0])
-    return make_distill_batch(task, "train", sched.epoch(0)[0], domains)
-
+from helpers import DOMAINS, S_LAYERS, T_LAYERS, build, step_batch, toy_task
 
 def hand_losses(obj, db, teacher_models, gamma=1.0, temperature=1.0):
     """Eqs. 1-4 written out with plain torch ops, pairing domain d's rows with teacher_models[d]."""
@@ -130,34 +47,34 @@ def hand_losses(obj, db, teacher_models, gamma=1.0, temperature=1.0):
     return torch.stack(embd), torch.stack(attn, 1), torch.stack(hidn, 1), torch.stack(pred), s
 
 
-def teacher(world, domain, shared=False):
-    path = world["teachers"] / ("_shared" if shared else "") / domain
+def teacher(kd_world, domain, shared=False):
+    path = kd_world["teachers"] / ("_shared" if shared else "") / domain
     return MultiDomainBert.from_classifier(path)
 
 
 # -- totals by hand -------------------------------------------------------------------------------
 
 
-def test_tinybert_total_equals_eq5_by_hand(world):
+def test_tinybert_total_equals_eq5_by_hand(kd_world):
     task = toy_task()
-    obj = build(world, "tinybert-kd", gamma=0.7)
+    obj = build(kd_world, "tinybert-kd", gamma=0.7)
     db = step_batch(task, (0,))
     assert db.spans == ((0, 4),) and db.batch.domain_ids.tolist() == [0] * 4
     loss, logs = obj(db)
-    e, a, h, p, _ = hand_losses(obj, db, [teacher(world, "books")])
+    e, a, h, p, _ = hand_losses(obj, db, [teacher(kd_world, "books")])
     expected = e.sum() + a.sum() + h.sum() + 0.7 * p.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logs["attn"], a.sum(), rtol=1e-5, atol=1e-6)
     assert set(logs) == {"embd", "attn", "hidn", "pred"}
 
 
-def test_multi_domain_routes_rows_to_their_own_teacher(world):
+def test_multi_domain_routes_rows_to_their_own_teacher(kd_world):
     task = toy_task()
-    obj = build(world, "multi-domain-kd")
+    obj = build(kd_world, "multi-domain-kd")
     db = step_batch(task)
     assert db.spans == ((0, 4), (4, 8))
     loss, _ = obj(db)
-    right = [teacher(world, d) for d in DOMAINS]
+    right = [teacher(kd_world, d) for d in DOMAINS]
     e, a, h, p, _ = hand_losses(obj, db, right)
     torch.testing.assert_close(loss, e.sum() + a.sum() + h.sum() + p.sum(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -168,22 +85,22 @@ def test_multi_domain_routes_rows_to_their_own_teacher(world):
     assert (per.hidn - h2).abs().max() > 1e-2 and (per.pred - p2).abs().max() > 1e-3
 
 
-def test_shared_teacher_is_loaded_once_with_one_head_per_domain(world):
+def test_shared_teacher_is_loaded_once_with_one_head_per_domain(kd_world):
     task = toy_task()
-    obj = build(world, "multi-domain-kd", checkpoint="shared")
+    obj = build(kd_world, "multi-domain-kd", checkpoint="shared")
     assert len(obj.teachers) == 1 and len(obj.teachers[0].model.heads) == 2  # one encoder forward per step
     db = step_batch(task)
     loss, _ = obj(db)
-    e, a, h, p, _ = hand_losses(obj, db, [teacher(world, d, shared=True) for d in DOMAINS])
+    e, a, h, p, _ = hand_losses(obj, db, [teacher(kd_world, d, shared=True) for d in DOMAINS])
     torch.testing.assert_close(loss, e.sum() + a.sum() + h.sum() + p.sum(), rtol=1e-5, atol=1e-6)
 
 
-def test_hrkd_total_equals_eq17_by_hand(world):
+def test_hrkd_total_equals_eq17_by_hand(kd_world):
     task = toy_task()
-    obj = build(world, "hrkd", gamma=0.5)
+    obj = build(kd_world, "hrkd", gamma=0.5)
     db = step_batch(task)
     loss, logs = obj(db)
-    e, a, h, p, s = hand_losses(obj, db, [teacher(world, d) for d in DOMAINS])
+    e, a, h, p, s = hand_losses(obj, db, [teacher(kd_world, d) for d in DOMAINS])
     protos = torch.stack([torch.stack([s.embeddings[x:y].mean((0, 1))] + [hs[x:y].mean((0, 1)) for hs in s.hidden_states])
                           for x, y in db.spans], 1)  # [M+1, D, F], eq. 6 over all positions
     with torch.no_grad():
@@ -198,26 +115,26 @@ def test_hrkd_total_equals_eq17_by_hand(world):
     assert logs["ratio_entropy"].item() == pytest.approx(diag["mean_normalised_entropy"], abs=1e-6)
 
 
-def test_masked_prototypes_and_query_masking_change_the_loss(world):
+def test_masked_prototypes_and_query_masking_change_the_loss(kd_world):
     task = toy_task()
     db = step_batch(task)
-    base = build(world, "hrkd")(db)[0]
+    base = build(kd_world, "hrkd")(db)[0]
     # The plain graph's eval-mode ratios sit at 1/D whatever the prototypes (docs: ratio collapse);
     # the skip term lets the prototype averaging show up in r.
-    skip = build(world, "hrkd", graph_skip=True)(db)[0]
-    assert not torch.isclose(skip, build(world, "hrkd", graph_skip=True, prototype_padding=False)(db)[0])
-    assert not torch.isclose(base, build(world, "hrkd", mask_queries=True)(db)[0])
-    assert torch.isclose(build(world, "hrkd", class_mean=True)(db)[0] - base,
-                         -0.5 * build(world, "hrkd")(db)[1]["pred"] / 2, rtol=1e-4)  # gamma/D * pred / C less
+    skip = build(kd_world, "hrkd", graph_skip=True)(db)[0]
+    assert not torch.isclose(skip, build(kd_world, "hrkd", graph_skip=True, prototype_padding=False)(db)[0])
+    assert not torch.isclose(base, build(kd_world, "hrkd", mask_queries=True)(db)[0])
+    assert torch.isclose(build(kd_world, "hrkd", class_mean=True)(db)[0] - base,
+                         -0.5 * build(kd_world, "hrkd")(db)[1]["pred"] / 2, rtol=1e-4)  # gamma/D * pred / C less
 
 
 # -- ablations ----------------------------------------------------------------------------------------
 
 
-def test_no_domain_rel_is_multi_domain_kd_and_ablations_differ(world):
+def test_no_domain_rel_is_multi_domain_kd_and_ablations_differ(kd_world):
     task = toy_task()
     db = step_batch(task)
-    a, b = build(world, "multi-domain-kd"), build(world, "no-domain-rel")
+    a, b = build(kd_world, "multi-domain-kd"), build(kd_world, "no-domain-rel")
     la, lb = a(db)[0], b(db)[0]
     assert torch.equal(la, lb)
     la.backward()
@@ -225,16 +142,16 @@ def test_no_domain_rel_is_multi_domain_kd_and_ablations_differ(world):
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa.grad, pb.grad), n
     # Plain graph in eval mode: collapsed ratios r = 1/D, so eq. 17 is eq. 5 divided by D (docs/hrkd-method.md).
-    torch.testing.assert_close(build(world, "hrkd")(db)[0], la / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(build(kd_world, "hrkd")(db)[0], la / 2, rtol=1e-5, atol=1e-6)
     # With the skip term the graph is not collapsed and each ablation computes something else.
-    losses = {m: build(world, m, graph_skip=True)(db)[0].item()
+    losses = {m: build(kd_world, m, graph_skip=True)(db)[0].item()
               for m in ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical")}
     assert len({round(v, 7) for v in losses.values()}) == 4, losses
     assert all(abs(v - la.item()) > 1e-4 for v in losses.values())
-    g = build(world, "no-comp-agg").graph
+    g = build(kd_world, "no-comp-agg").graph
     assert len(g.aggregators) == 2 and g.aggregators[0].weight is None and len(g.references) == 0
-    assert build(world, "no-self-attention").graph.references[0].weight is None
-    assert len(build(world, "no-hierarchical").graph.aggregators) == 0
+    assert build(kd_world, "no-self-attention").graph.references[0].weight is None
+    assert len(build(kd_world, "no-hierarchical").graph.aggregators) == 0
 
 
 # -- graph training -----------------------------------------------------------------------------------
@@ -250,8 +167,8 @@ def _one_step(obj, db):
     return before, in_opt
 
 
-def test_trainable_graph_gets_gradients_and_moves(world):
-    obj = build(world, "hrkd", graph_skip=True)
+def test_trainable_graph_gets_gradients_and_moves(kd_world):
+    obj = build(kd_world, "hrkd", graph_skip=True)
     before, in_opt = _one_step(obj, step_batch(toy_task()))
     graph = dict(obj.graph.named_parameters())
     assert all(id(p) in in_opt for p in graph.values())
@@ -259,9 +176,9 @@ def test_trainable_graph_gets_gradients_and_moves(world):
     assert any(not torch.equal(before[n], p) for n, p in graph.items())
 
 
-def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
+def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(kd_world):
     db = step_batch(toy_task())
-    obj = build(world, "hrkd", ratios="frozen")
+    obj = build(kd_world, "hrkd", ratios="frozen")
     before, in_opt = _one_step(obj, db)
     for n, p in obj.graph.named_parameters():
         assert not p.requires_grad and p.grad is None and id(p) not in in_opt and torch.equal(before[n], p), n
@@ -271,7 +188,7 @@ def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
     # Gradient through r: the student's gradient changes when r is detached. (graph_skip: the plain
     # graph's collapsed ratios have an exactly-zero gradient, which would hide the difference.)
     def grads(detach: bool):
-        o = build(world, "hrkd", ratios="frozen", graph_skip=True)
+        o = build(kd_world, "hrkd", ratios="frozen", graph_skip=True)
         if detach:
             real = o.relational
             o.relational = lambda *args, **kw: type(real(*args, **kw))(real(*args, **kw).ratios.detach(), [], None)
@@ -285,8 +202,8 @@ def test_frozen_graph_is_not_optimised_but_r_still_carries_gradient(world):
 # -- teachers -------------------------------------------------------------------------------------------
 
 
-def test_teachers_are_frozen_and_outside_the_objective(world):
-    obj = build(world, "hrkd")
+def test_teachers_are_frozen_and_outside_the_objective(kd_world):
+    obj = build(kd_world, "hrkd")
     obj.train()
     teacher_params = {id(p) for g in obj.teachers for p in g.model.parameters()}
     assert teacher_params and not teacher_params & {id(p) for p in obj.parameters()}
@@ -312,18 +229,18 @@ def test_make_distill_batch_local_ids_and_missing_domain():
         make_distill_batch(task, "train", [(0, torch.tensor([0])), (1, torch.tensor([], dtype=torch.long))], (0, 1))
 
 
-def test_teacher_checkpoint_errors(world, tmp_path):
+def test_teacher_checkpoint_errors(kd_world, tmp_path):
     with pytest.raises(HRKDError, match=r"run `dvc repro train_teacher@toy-mix` first"):
         teacher_checkpoints(tmp_path / "nope", "toy", "mix", DOMAINS, "per-domain")
     with pytest.raises(HRKDError, match="'single' teacher kind"):
-        teacher_checkpoints(world["teachers"], "toy", "single", DOMAINS, "shared")
+        teacher_checkpoints(kd_world["teachers"], "toy", "single", DOMAINS, "shared")
     with pytest.raises(HRKDError, match="unknown distillation method"):
-        KDObjective(MultiDomainBert.from_pretrained(world["student"], 2, None), None, num_domains=1,
+        KDObjective(MultiDomainBert.from_pretrained(kd_world["student"], 2, None), None, num_domains=1,
                     method="hrdk", distill=Distill(), teacher_layers=4, teacher_hidden=48)
 
 
-def test_relational_ratios_of_objective_are_eval_mode_and_normalised(world):
-    obj = build(world, "hrkd").train()
+def test_relational_ratios_of_objective_are_eval_mode_and_normalised(kd_world):
+    obj = build(kd_world, "hrkd").train()
     task = toy_task()
     batches = {d: collate(task, "dev", [(i, torch.arange(3))]) for i, d in enumerate(DOMAINS)}
     out = relational_ratios(obj, batches)
@@ -352,10 +269,10 @@ def test_ratio_logs_match_diagnostics():
     assert logs["ratio_entropy"].item() == pytest.approx((h + 1) / 3, abs=1e-6)
 
 
-def test_projected_prototypes_average_the_projections_and_survive_a_reload(world, tmp_path):
+def test_projected_prototypes_average_the_projections_and_survive_a_reload(kd_world, tmp_path):
     task = toy_task()
     db = step_batch(task)
-    obj = build(world, "hrkd", graph_skip=True, prototype_features="projected")
+    obj = build(kd_world, "hrkd", graph_skip=True, prototype_features="projected")
     assert obj.graph_args["feature_dim"] == 48 and obj.graph.feature_dim == 48  # the teacher's width
     with torch.no_grad():
         so = obj.student_outputs(db)
@@ -365,22 +282,22 @@ def test_projected_prototypes_average_the_projections_and_survive_a_reload(world
         want = obj.proj[1](so.hidden_states[0][a:z]).mean(dim=(0, 1))
         assert torch.allclose(protos[1, 1], want, atol=1e-6)
         assert torch.allclose(protos[0, 0], obj.proj[0](so.embeddings[:db.spans[0][1]]).mean(dim=(0, 1)), atol=1e-6)
-        raw = build(world, "hrkd", graph_skip=True)
+        raw = build(kd_world, "hrkd", graph_skip=True)
         assert raw.prototypes(db, so).shape[-1] == 32  # the paper: the student's own width
     batches = [collate(task, "dev", [(d, torch.arange(3))]) for d in range(2)]
     live = relational_ratios(obj, batches)["ratios"]
-    from hrkd.distill.objective import save_relational
-    save_relational(obj, tmp_path / "rel", world["tok"], {"domains": DOMAINS})
+    from hrkd.distill.ratios import save_relational
+    save_relational(obj, tmp_path / "rel", kd_world["tok"], {"domains": DOMAINS})
     assert (tmp_path / "rel" / "projections.pt").is_file()
     assert torch.allclose(relational_ratios(tmp_path / "rel", batches)["ratios"], live, atol=1e-6)
 
 
-def test_only_dro_trains_its_graph_at_a_scaled_learning_rate(world):
+def test_only_dro_trains_its_graph_at_a_scaled_learning_rate(kd_world):
     """distill.dro_graph_lr_scale reaches the optimiser through KDObjective.lr_scales."""
     from hrkd.engine import param_groups
 
-    dro = build(world, "hrkd-dro")
-    assert dro.lr_scales == {"graph.": 0.1} and build(world, "hrkd").lr_scales == {}
+    dro = build(kd_world, "hrkd-dro")
+    assert dro.lr_scales == {"graph.": 0.1} and build(kd_world, "hrkd").lr_scales == {}
     graph = {id(p) for p in dro.graph.parameters()}
     groups = param_groups(dro, 0.01, 1e-3)
     scaled = [p for g in groups if g.get("lr") == 1e-3 * 0.1 for p in g["params"]]

@@ -8,15 +8,18 @@ import pytest
 import torch
 import transformers
 import yaml
-from test_distill import DOMAINS, LABELS, S_LAYERS, make_tokenizer, save_encoder, save_teacher, toy_task
+from helpers import DOMAINS, LABELS, S_LAYERS, make_tokenizer, save_encoder, save_teacher, toy_task
 
 from hrkd.config import StudentSettings, parse_params
 from hrkd.data.loading import collate
-from hrkd.distill import RELATIONAL_DIR, distill_student, relational_ratios, run_name, student_settings
+from hrkd.distill.ratios import RELATIONAL_DIR, relational_ratios
+from hrkd.distill.runs import distill_student, student_settings
+from hrkd.registry import run_name
 from hrkd.engine import Runtime
 from hrkd.errors import HRKDError
 from hrkd.io import read_json
-from hrkd.teachers import RunPaths
+from hrkd.driver import RunPaths
+from helpers import stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = StudentSettings(epochs=1, batch_size=4, lr=1e-3, eval_every=2, eval_batch_size=8, warmup_ratio=0.0)
@@ -42,7 +45,9 @@ def world(tmp_path_factory):
     return {"student": student, "teachers": kind, "tok": tok}
 
 
-def run(world, out: Path, method: str, p=None, seed=1, **kw):
+def run(world, out: Path, method: str, p=None, seed=1, stop_at_step=None, **kw):
+    if stop_at_step is not None:
+        kw["callbacks"] = [stop_at(stop_at_step)]
     paths = RunPaths(out=out / "model", metrics=out / "metrics.json", live=out / "live", resume=out / "resume")
     metrics = distill_student(
         method=method, teacher_kind="hrkd", task=toy_task(sizes=(9, 6)), params=p or params(), seed=seed,
@@ -59,6 +64,8 @@ def test_run_names():
     with pytest.raises(HRKDError, match="unknown distillation method"):
         run_name("tinybert", "hrkd")
     with pytest.raises(HRKDError, match="unknown teacher kind"):
+        run_name("hrkd", "bogus")
+    with pytest.raises(HRKDError, match=r"distils from the hrkd/single/mix/mtl teacher: use --teacher hrkd"):
         run_name("hrkd", "meta")
 
 
@@ -157,12 +164,9 @@ def test_interrupted_hrkd_run_resumes_to_the_same_result(world, tmp_path):
 
 @pytest.mark.slow
 def test_cli_runs_a_stage_with_its_default_layout(world, tmp_path, monkeypatch):
-    import pandas as pd
-    from typer.testing import CliRunner
-
     import importlib.util
 
-    from hrkd.io import write_json
+    from typer.testing import CliRunner
 
     spec = importlib.util.spec_from_file_location("distill_cli", REPO / "pipeline" / "distill.py")
     cli = importlib.util.module_from_spec(spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hrkd.config import Distill
-from hrkd.distill.objective import _graph_ctor, graph_arguments
+from hrkd.distill.ratios import _graph_ctor, graph_arguments
 from hrkd.engine import param_groups
 from hrkd.losses import robust_ratio_loss
 from hrkd.relational import HierarchicalRelational

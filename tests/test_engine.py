@@ -16,9 +16,10 @@ from torch import nn
 
 from hrkd.config import Engine, TrainSettings
 from hrkd.data.loading import EncodedSplit, Schedule, TaskSplits, collate, shard
-from hrkd.engine import (NonFiniteLoss, Runtime, Trainer, launch_command, linear_warmup_decay, seed_everything,
+from hrkd.engine import (Job, NonFiniteLoss, Place, Runtime, Trainer, launch_command, linear_warmup_decay, seed_everything,
                          warmup_constant)
 from hrkd.teachers import per_domain_summed_ce
+from helpers import stop_at
 
 ENGINE = Engine(progress=False, log_every=2)
 
@@ -60,7 +61,7 @@ class Toy(nn.Module):
         return loss, {"calls": torch.tensor(float(self.calls))}
 
 
-def make_trainer(task, tmp_path, module=None, settings=None, **kw) -> Trainer:
+def make_trainer(task, tmp_path, module=None, settings=None, live_dir=None, stop_at_step=None) -> Trainer:
     seed_everything(0)
     module = module or Toy()
     settings = settings or TrainSettings(epochs=3, batch_size=4, lr=0.05, eval_every=5, eval_batch_size=8)
@@ -72,12 +73,11 @@ def make_trainer(task, tmp_path, module=None, settings=None, **kw) -> Trainer:
             out[d] = float((m.logits(b).argmax(-1) == b.labels).float().mean())
         return out
 
-    return Trainer(
-        module=module, make_batch=lambda step: collate(task, "train", step),
-        schedule=Schedule("parallel", tuple(task.sizes("train")), settings.batch_size, seed=3),
-        settings=settings, runtime=Runtime(device=torch.device("cpu")), engine=ENGINE, evaluate=evaluate,
-        domains=task.domains, resume_dir=tmp_path / "resume", config={"toy": 1}, **kw,
-    )
+    job = Job(module=module, make_batch=lambda step: collate(task, "train", step),
+              schedule=Schedule("parallel", tuple(task.sizes("train")), settings.batch_size, seed=3),
+              settings=settings, evaluate=evaluate, domains=task.domains, config={"toy": 1})
+    place = Place(Runtime(device=torch.device("cpu")), ENGINE, tmp_path / "resume", live_dir)
+    return Trainer(job, place, [stop_at(stop_at_step)] if stop_at_step is not None else ())
 
 
 # -- schedules --------------------------------------------------------------------------------
@@ -246,17 +246,17 @@ DDP_SCRIPT = textwrap.dedent(
     from test_engine import toy_task, Toy, ENGINE
     from hrkd.config import TrainSettings
     from hrkd.data.loading import Schedule, collate, shard
-    from hrkd.engine import Trainer, setup_runtime, seed_everything
+    from hrkd.engine import Job, Place, Trainer, setup_runtime, seed_everything
     rt = setup_runtime(ENGINE)
     task = toy_task()
     seed_everything(0)
     module = Toy()
     module.drop.p = 0.0  # dropout masks differ with the batch shape; compare the maths only
     settings = TrainSettings(epochs=2, batch_size=4, lr=0.05, eval_every=100, max_grad_norm=None)
-    trainer = Trainer(module=module, make_batch=lambda s: collate(task, "train", shard(s, rt.rank, rt.world)),
-                      schedule=Schedule("parallel", tuple(task.sizes("train")), 4, seed=3), settings=settings,
-                      runtime=rt, engine=ENGINE, evaluate=lambda m: {}, domains=task.domains,
-                      resume_dir=os.environ["OUT"] + "/resume", config={})
+    job = Job(module=module, make_batch=lambda s: collate(task, "train", shard(s, rt.rank, rt.world)),
+              schedule=Schedule("parallel", tuple(task.sizes("train")), 4, seed=3), settings=settings,
+              evaluate=lambda m: {}, domains=task.domains, config={})
+    trainer = Trainer(job, Place(rt, ENGINE, os.environ["OUT"] + "/resume"))
     trainer.fit()
     if rt.rank == 0:
         torch.save(module.state_dict(), os.environ["OUT"] + "/params.pt")

@@ -15,15 +15,17 @@ import yaml
 
 from hrkd.config import MetaKDTeacher, TrainSettings, parse_params
 from hrkd.data.loading import collate, load_task
-from hrkd.distill import distill_student, run_name
+from hrkd.registry import run_name
 from hrkd.engine import Runtime
 from hrkd.errors import HRKDError
 from hrkd.io import read_json
 from hrkd.metakd.distill import MetaDistillObjective, distill_metakd, load_meta_teacher, metakd_settings
 from hrkd.metakd.scores import SCORES_FILE, SUMMARY_FILE, compute_scores, load_scores
-from hrkd.metakd.teacher import DomainBranch, MetaBatch, MetaTeacherObjective, load_branch, make_meta_batch
+from hrkd.metakd.teacher import (DomainBranch, MetaBatch, MetaTeacherObjective, load_branch, make_meta_batch,
+                                 train_meta_teacher)
 from hrkd.models import MultiDomainBert, Taps
-from hrkd.teachers import RunPaths, train_teacher
+from hrkd.driver import RunPaths
+from helpers import stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = Runtime(device=torch.device("cpu"))
@@ -77,8 +79,8 @@ def world(tmp_path_factory):
     scores = load_scores(root / "scores", data, task)
     paths = RunPaths(out=root / "teacher" / "meta", metrics=root / "teacher.json", live=root / "live",
                      resume=root / "resume")
-    metrics = train_teacher(kind="meta", task=task, params=params, pretrained=root / "pretrained" / "teacher",
-                            tokenizer=tok, runtime=CPU, paths=paths, settings=TEACHER, scores=scores)
+    metrics = train_meta_teacher(task=task, params=params, pretrained=root / "pretrained" / "teacher",
+                                 tokenizer=tok, runtime=CPU, paths=paths, settings=TEACHER, scores=scores)
     return {"root": root, "params": params, "data": data, "tok": tok, "task": task, "encoder": encoder,
             "scores": scores, "teacher": paths.out, "teacher_metrics": metrics}
 
@@ -308,9 +310,11 @@ def test_teacher_is_frozen_and_outside_the_objective(world):
 # -- runs -----------------------------------------------------------------------------------------------
 
 
-def run(world, out: Path, p=None, **kw):
+def run(world, out: Path, p=None, stop_at_step=None, **kw):
+    if stop_at_step is not None:
+        kw["callbacks"] = [stop_at(stop_at_step)]
     paths = RunPaths(out=out / "model", metrics=out / "metrics.json", live=out / "live", resume=out / "resume")
-    metrics = distill_student(method="metakd", teacher_kind="meta", task=world["task"], params=p or world["params"],
+    metrics = distill_metakd(task=world["task"], params=p or world["params"],
                               seed=1, teacher_dir=world["teacher"], pretrained_student=world["root"] / "pretrained" /
                               "student", tokenizer=world["tok"], runtime=CPU, paths=paths,
                               scores=kw.pop("scores", world["scores"]), **kw)

@@ -1,13 +1,13 @@
 """The Meta-KD stages' DVC dependencies: which settings rerun which Meta-KD stage (nothing trained).
 
-Uses the faked scratch pipeline of test_pipeline_dvc.py (every output a tiny file, dvc.lock committed).
+Uses the faked scratch pipeline of fakepipe.faked_lock (the `scratch` fixture) (every output a tiny file, dvc.lock committed).
 """
 
 from __future__ import annotations
 
 import pytest
 import yaml
-from test_pipeline_dvc import REPO, family, repo_at, scratch, status_of  # noqa: F401  (scratch is a fixture)
+from fakepipe import REPO, family, repo_at, status_of
 
 META = {"metakd_scores", "train_meta_teacher", "distill_metakd"}
 
@@ -20,7 +20,7 @@ SEEDS = yaml.safe_load((REPO / "params.yaml").read_text())["seeds"]
 
 
 @pytest.mark.slow
-def test_metakd_stages_exist_for_every_task_and_seed(scratch):  # noqa: F811
+def test_metakd_stages_exist_for_every_task_and_seed(scratch):
     with repo_at(scratch) as repo:
         names = {s.addressing for s in repo.index.stages}
     for task in ("mnli", "amazon"):
@@ -30,7 +30,7 @@ def test_metakd_stages_exist_for_every_task_and_seed(scratch):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_student_lr_reruns_the_metakd_students_only(scratch):  # noqa: F811
+def test_student_lr_reruns_the_metakd_students_only(scratch):
     changed = status_of(scratch, lr=5.0e-4)
     assert {f"distill_metakd@{t}-{s}" for t in ("mnli", "amazon") for s in SEEDS} <= changed
     assert not families(changed) & {"metakd_scores", "train_meta_teacher"}
@@ -49,11 +49,11 @@ def test_student_lr_reruns_the_metakd_students_only(scratch):  # noqa: F811
     ("profiles.demo.metakd_stage_b.epochs", 4, {"distill_metakd", "distill_fewshot_metakd"}),
     ("profiles.paper.metakd_stage_b.epochs", 4, set()),  # the inactive profile changes nothing
 ])
-def test_each_metakd_setting_invalidates_exactly_its_stage(scratch, key, value, expected):  # noqa: F811
+def test_each_metakd_setting_invalidates_exactly_its_stage(scratch, key, value, expected):
     assert families(status_of(scratch, **{key: value})) == expected
 
 
 @pytest.mark.slow
-def test_other_teachers_do_not_rerun_metakd(scratch):  # noqa: F811
+def test_other_teachers_do_not_rerun_metakd(scratch):
     changed = status_of(scratch, **{"profiles.demo.teacher.lr": 1.0e-4, "distill.gamma": 0.5})
     assert not families(changed) & META

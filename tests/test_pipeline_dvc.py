@@ -15,100 +15,16 @@ dvc.lock for all of them, as if `dvc repro` had run. Then:
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 import yaml
+
+from fakepipe import family, repo_at, status_of
 
 REPO = Path(__file__).resolve().parents[1]
 # Families of stages a student-lr change must rerun / must leave alone.
 STUDENTS = {"distill", "distill_tinybert", "distill_fewshot", "distill_fewshot_tinybert"}
 UPSTREAM = {"prepare", "fewshot", "pretrained", "train_teacher", "train_teacher_fewshot"}
-
-
-def family(name: str) -> str:
-    return name.split("@", 1)[0]
-
-
-@contextlib.contextmanager
-def repo_at(root: Path):
-    """Open the scratch repository from inside it (DVC resolves stage paths against the cwd)."""
-    from dvc.repo import Repo
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        with Repo(root) as repo:
-            yield repo
-    finally:
-        os.chdir(cwd)
-
-
-def fake(path: Path, content: str) -> None:
-    """A stand-in output: a small file, or a folder holding one (distinct contents per stage)."""
-    if path.suffix in (".json", ".md", ".csv", ".png", ".yaml", ".tsv"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}\n")
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "fake").write_text(content + "\n")
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-
-    root = tmp_path_factory.mktemp("dvcrepo")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    Repo.init(root, no_scm=True)
-    with repo_at(root) as repo:
-        stages = list(repo.index.stages)
-    outs = {str(Path(o.def_path)) for s in stages for o in s.outs}
-    for stage in stages:
-        for out in stage.outs:
-            fake(root / out.def_path, stage.addressing)
-    for stage in stages:
-        for dep in stage.deps:
-            if isinstance(dep, ParamsDependency):
-                continue
-            path = Path(dep.def_path)
-            if (root / path).exists():
-                continue
-            if any(str(path).startswith(o + "/") for o in outs):  # a part of another stage's output
-                fake(root / path, stage.addressing)
-                continue
-            src = REPO / path
-            assert src.exists(), f"{stage.addressing} depends on {path}, which is neither in the repository nor an output"
-            (root / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, root / path) if src.is_dir() else shutil.copy(src, root / path)
-    with repo_at(root) as repo:
-        repo.commit(None, force=True)
-    (root / "stages.txt").write_text("\n".join(s.addressing for s in stages) + "\n")
-    return root
-
-
-def status_of(root: Path, **changes) -> set[str]:
-    """Stage names `dvc status` reports after applying dotted-key changes to params.yaml (then restored)."""
-    params = root / "params.yaml"
-    original = params.read_text()
-    raw = yaml.safe_load(original)
-    for key, value in changes.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
-        with repo_at(root) as repo:
-            return set(repo.status())
-    finally:
-        params.write_text(original)
 
 
 def test_faked_pipeline_is_up_to_date(scratch):

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from hrkd.config import Distill
-from hrkd.distill.objective import graph_arguments, ratio_learning, ratio_logs
+from hrkd.distill.objective import ratio_logs
+from hrkd.distill.ratios import graph_arguments, ratio_learning
 from hrkd.errors import HRKDError
 from hrkd.losses import layer_losses, robust_ratio_loss, total_kd_loss
 from hrkd.relational import HierarchicalRelational, layer_regimes, ratio_regime, regime_counts
-from test_distill import build, step_batch, toy_task, world  # noqa: F401  (world is a fixture)
+from helpers import build, step_batch, toy_task
 
 LOSSES = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 2.0]])  # [M+1, D]: row 0 embedding, row 1 a layer
 
@@ -108,10 +109,10 @@ def test_switch_resolution_and_the_renamed_key():
         Distill(graph_trainable=False)
 
 
-def test_dro_step_student_sees_constant_ratios_graph_ascends(world):
+def test_dro_step_student_sees_constant_ratios_graph_ascends(kd_world):
     task = toy_task()
     db = step_batch(task)
-    obj = build(world, "hrkd-dro", dro_tau=0.7)
+    obj = build(kd_world, "hrkd-dro", dro_tau=0.7)
     assert obj.graph_args["graph_skip"]
     so = obj.student_outputs(db)
     losses = obj.domain_losses(db, so, obj.teacher_outputs(db))
@@ -143,14 +144,14 @@ def test_dro_step_student_sees_constant_ratios_graph_ascends(world):
             assert torch.allclose(student_grads[n], p.grad, atol=1e-6), n
 
 
-def test_frozen_ratios_have_no_trainable_graph(world):
-    obj = build(world, "hrkd", ratios="frozen")
+def test_frozen_ratios_have_no_trainable_graph(kd_world):
+    obj = build(kd_world, "hrkd", ratios="frozen")
     assert not any(p.requires_grad for p in obj.graph.parameters())
-    assert all(p.requires_grad for p in build(world, "hrkd").graph.parameters())
+    assert all(p.requires_grad for p in build(kd_world, "hrkd").graph.parameters())
 
 
-def test_watch_warns_once_per_regime_change(world, caplog):
-    obj = build(world, "hrkd").train()
+def test_watch_warns_once_per_regime_change(kd_world, caplog):
+    obj = build(kd_world, "hrkd").train()
     obj.ratio_watch_every = 2
     uniform = torch.full((3, 2), 0.5)
     hot = torch.tensor([[0.999, 0.001], [0.5, 0.5], [0.5, 0.5]])

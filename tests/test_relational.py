@@ -301,16 +301,6 @@ def fit_graph(skip: bool, seed: int, steps: int = 300) -> torch.Tensor:
         return graph(nodes)
 
 
-@pytest.fixture
-def one_thread():
-    # These graphs are tiny: on a shared 2-core machine, intra-op threads only add contention
-    # (measured 0.35 s per fit on one thread, several seconds on two under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_only_the_skip_graph_can_learn_non_uniform_ratios(one_thread: None) -> None:
     # Measured over seeds 0-9 in this exact setting: the skip graph reaches the target (max error
     # < 1e-3) in 9 of 10 runs; seed 2 dies with all four ELU outputs stuck at -1 (zero gradient).

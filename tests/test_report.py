@@ -340,8 +340,8 @@ def save_hrkd_student(root: Path, domains: list[str], seed: int = 1) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from hrkd.config import Distill
-    from hrkd.distill import KDObjective
-    from hrkd.distill.objective import save_relational
+    from hrkd.distill.objective import KDObjective
+    from hrkd.distill.ratios import save_relational
     from hrkd.models import MultiDomainBert
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS])}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hrkd.data.loading import Schedule
-from hrkd.distill import make_distill_batch
+from hrkd.distill.batches import make_distill_batch
 from hrkd.distill.teacher_cache import TeacherCache
-from test_distill import build, toy_task, world  # noqa: F401  (world is a fixture)
+from helpers import build, toy_task
 
 
 def _count_teacher_forwards(obj) -> list[int]:
@@ -31,11 +31,11 @@ def _epochs(task, obj, domains, epochs):
 
 
 @pytest.mark.parametrize("method", ["multi-domain-kd", "hrkd", "tinybert-kd"])
-def test_cached_losses_equal_fresh_ones_and_later_epochs_skip_the_teachers(world, method):
+def test_cached_losses_equal_fresh_ones_and_later_epochs_skip_the_teachers(kd_world, method):
     task = toy_task()
     domains = (0, 1) if method != "tinybert-kd" else (0,)
-    fresh = build(world, method)
-    cached = build(world, method)
+    fresh = build(kd_world, method)
+    cached = build(kd_world, method)
     sizes = [task.sizes("train")[d] for d in domains]
     assert cached.enable_teacher_cache(sizes, width=8, budget_gib=1.0)
     calls = _count_teacher_forwards(cached)
@@ -49,9 +49,9 @@ def test_cached_losses_equal_fresh_ones_and_later_epochs_skip_the_teachers(world
     assert cached.teacher_cache.hits == 2 * per_epoch
 
 
-def test_new_rows_run_the_teachers_once_at_full_width_then_any_width_hits(world):
+def test_new_rows_run_the_teachers_once_at_full_width_then_any_width_hits(kd_world):
     task = toy_task()
-    obj = build(world, "multi-domain-kd")
+    obj = build(kd_world, "multi-domain-kd")
     obj.enable_teacher_cache(task.sizes("train"), width=8, budget_gib=1.0)
     calls = _count_teacher_forwards(obj)
     widths = []
@@ -70,8 +70,8 @@ def test_new_rows_run_the_teachers_once_at_full_width_then_any_width_hits(world)
     assert calls[0] == 4  # row 2 of domain 0 is new: the step runs the teachers again
 
 
-def test_budget_too_small_keeps_the_cache_off(world):
-    obj = build(world, "multi-domain-kd")
+def test_budget_too_small_keeps_the_cache_off(kd_world):
+    obj = build(kd_world, "multi-domain-kd")
     need = TeacherCache.bytes_needed([10, 7], 8, layers=2, heads=4, hidden=48, labels=2)
     # By hand: per row 8*48*(1+2) embeddings+hidden, 2*4*8*8 scores, 2 logits; fp32.
     assert need == 17 * (8 * 48 * 3 + 2 * 4 * 64 + 2) * 4

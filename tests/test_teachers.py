@@ -13,7 +13,9 @@ from hrkd.config import parse_params
 from hrkd.data.loading import load_task
 from hrkd.engine import Runtime
 from hrkd.io import read_json
-from hrkd.teachers import RunPaths, train_teacher
+from hrkd.driver import RunPaths
+from hrkd.teachers import train_teacher
+from helpers import stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +52,10 @@ def world(tmp_path_factory):
     return {"root": root, "params": params, "tokenizer": tokenizer, "task": task}
 
 
-def run(world, kind, out: Path, params=None, **kw):
+def run(world, kind, out: Path, params=None, stop_at_step=None, **kw):
     torch.set_num_threads(1)
+    if stop_at_step is not None:
+        kw["callbacks"] = [stop_at(stop_at_step)]
     paths = RunPaths(out=out / "model", metrics=out / "metrics.json", live=out / "live", resume=out / "resume")
     metrics = train_teacher(kind=kind, task=world["task"], params=params or world["params"],
                             pretrained=world["root"] / "pretrained" / "teacher", tokenizer=world["tokenizer"],
@@ -84,7 +88,7 @@ def test_every_kind_writes_per_domain_classifiers_and_metrics(world, tmp_path, k
 def test_selected_checkpoint_reproduces_its_dev_accuracy(world, tmp_path):
     """The saved per-domain classifier is the checkpoint whose dev accuracy was recorded."""
     from hrkd.models import MultiDomainBert
-    from hrkd.teachers import domain_accuracy
+    from hrkd.driver import domain_accuracy
 
     metrics, paths = run(world, "hrkd", tmp_path)
     task = world["task"]

@@ -1,40 +1,12 @@
-"""Distillation stage: the KD objective (eqs. 1-17) and the student runs of Tables 2-4.
+"""Distillation (eqs. 1-17) and the student runs of Tables 2-4.
 
-``objective`` holds the trainable module and the relational-ratio helpers; ``runs`` the
-per-method training loops on top of :mod:`hrkd.engine`. Importing this package loads torch
-and the project's pure modules only; models are imported when a run starts.
+* :mod:`hrkd.distill.batches`        - a collated step plus where each domain's rows are;
+* :mod:`hrkd.distill.teacher_models` - which teacher checkpoint serves each domain, loaded once;
+* :mod:`hrkd.distill.teacher_cache`  - the teachers' outputs of every training row, kept in memory;
+* :mod:`hrkd.distill.objective`      - :class:`~hrkd.distill.objective.KDObjective`, eq. 5 or eq. 17;
+* :mod:`hrkd.distill.ratios`         - the relational graph outside training (on disk, Tables 5-6);
+* :mod:`hrkd.distill.runs`           - the student runs, on top of :mod:`hrkd.driver`.
+
+This package imports nothing on purpose: the report reads ratios without the training stack,
+and each stage's dvc.yaml entry depends only on the modules it uses.
 """
-
-from hrkd.distill.objective import (
-    HRKD_METHODS,
-    METHODS,
-    RELATIONAL_DIR,
-    TEACHER_KINDS,
-    DistillBatch,
-    KDObjective,
-    TeacherGroup,
-    load_relational,
-    load_teachers,
-    make_distill_batch,
-    relational_ratios,
-    teacher_checkpoints,
-)
-from hrkd.distill.runs import distill_student, run_name, student_settings
-
-__all__ = [
-    "HRKD_METHODS",
-    "METHODS",
-    "RELATIONAL_DIR",
-    "TEACHER_KINDS",
-    "DistillBatch",
-    "KDObjective",
-    "TeacherGroup",
-    "distill_student",
-    "load_relational",
-    "load_teachers",
-    "make_distill_batch",
-    "relational_ratios",
-    "run_name",
-    "student_settings",
-    "teacher_checkpoints",
-]

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hrkd.config import Distill
-from hrkd.data.loading import Batch, Step, TaskSplits, collate
+from hrkd.distill.batches import DistillBatch, _padded
+from hrkd.distill.ratios import _graph_ctor, _taps, domain_prototypes, graph_arguments
+from hrkd.distill.teacher_cache import TeacherCache, TeacherView
+from hrkd.distill.teacher_models import TeacherGroup
 from hrkd.errors import HRKDError
 from hrkd.losses import (
     attention_loss,
@@ -34,261 +36,10 @@ from hrkd.losses import (
     total_kd_loss,
     uniform_layer_map,
 )
-from hrkd.distill.teacher_cache import TeacherCache, TeacherView
-from hrkd.relational import (
-    ONE_HOT_ENTROPY,
-    UNIFORM_SPREAD,
-    HierarchicalRelational,
-    layer_prototypes,
-    layer_regimes,
-    ratio_diagnostics,
-    ratio_regime,
-    stack_domain_prototypes,
-)
+from hrkd.registry import METHODS
+from hrkd.relational import ONE_HOT_ENTROPY, UNIFORM_SPREAD, HierarchicalRelational, layer_regimes, ratio_regime
 
 log = logging.getLogger("hrkd.distill")
-
-METHODS = (
-    "tinybert-kd",
-    "multi-domain-kd",
-    "no-domain-rel",
-    "hrkd",
-    "no-self-attention",
-    "no-comp-agg",
-    "no-hierarchical",
-    "hrkd-dro",
-    "hrkd-frozen",
-)
-# Methods whose total is eq. 17 with ratios from the relational graph (HRKD, its ablations and
-# the robust-ratio variant).
-HRKD_METHODS = frozenset({"hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "hrkd-dro", "hrkd-frozen"})
-# HRKD with its ratios fixed to one way of learning, whatever distill.ratios says: so one
-# pipeline can put the paper's graph, the authors' frozen one and the robust one side by side.
-FIXED_RATIO_LEARNING = {"hrkd-dro": "dro", "hrkd-frozen": "frozen"}
-TEACHER_KINDS = ("single", "mix", "mtl", "hrkd")
-SHARED_TEACHERS = "_shared"  # the teacher stage's one-checkpoint-for-all-domains folder
-RELATIONAL_DIR = "_relational"  # student encoder + graph state, for Tables 5-6
-GRAPH_FILE = "graph.pt"
-PROJ_FILE = "projections.pt"  # W^embd, W_m^hidn, saved when prototypes are projected
-GRAPH_META = "relational.json"
-
-
-def check_method(method: str, teacher_kind: str) -> None:
-    """Reject unknown method / teacher-kind names with a one-line fix."""
-    if method not in METHODS:
-        raise HRKDError(f"unknown distillation method '{method}': choose one of {list(METHODS)}")
-    if teacher_kind not in TEACHER_KINDS:
-        raise HRKDError(f"unknown teacher kind '{teacher_kind}': choose one of {list(TEACHER_KINDS)}")
-
-
-def ratio_learning(method: str, distill: Distill) -> str:
-    """How the method's graph learns: ``paper``, ``frozen`` or ``dro`` (``distill.ratios`` unless fixed)."""
-    return FIXED_RATIO_LEARNING.get(method, distill.ratios)
-
-
-def graph_arguments(method: str, distill: Distill, num_layers: int, num_domains: int, feature_dim: int) -> dict[str, Any]:
-    """Constructor arguments of the method's graph (JSON-able, saved next to its state)."""
-    learning = ratio_learning(method, distill)
-    return {
-        "num_layers": num_layers,
-        "num_domains": num_domains,
-        "feature_dim": feature_dim,
-        "graph_hidden": distill.graph_hidden,
-        "graph_heads": distill.graph_heads,
-        "dropout": distill.graph_dropout,
-        "self_attention": method != "no-self-attention",
-        "comp_agg": method != "no-comp-agg",
-        "hierarchical": method != "no-hierarchical",
-        # dro needs the skip term: without it r is exactly 1/D whenever a layer's scores share a
-        # sign, and has no gradient there to learn from.
-        "graph_skip": distill.graph_skip or learning == "dro",
-        # dro also drops the ELU on the graph's output: under the KL pull toward uniform, training
-        # drives every node's layer-2 input far below 0, where ELU = -1 exactly (r = 1/D to fp32)
-        # and its gradient exp(x) vanishes, so r stays uniform for good (docs/hrkd-method.md).
-        "graph_output_elu": learning != "dro",
-        "ratios": learning,
-        "dro_tau": distill.dro_tau,
-        "prototype_features": distill.prototype_features,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches: the collated step plus where each domain's rows are
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistillBatch:
-    """A training step for :class:`KDObjective`.
-
-    ``batch.domain_ids`` are the objective's *local* domain indices (0..D-1) and ``spans[d]`` is
-    the [start, stop) row range of local domain d. Ranges are host ints worked out from the
-    schedule step, so slicing a domain's rows is a view with no device-to-host sync.
-    """
-
-    batch: Batch
-    spans: tuple[tuple[int, int], ...]
-    # rows[d]: domain d's row indices in its split (host tensor), for the teacher cache; () when
-    # the batch was not built from a schedule step.
-    rows: tuple[Tensor, ...] = ()
-
-
-def make_distill_batch(task: TaskSplits, split: str, step: Step, domains: Sequence[int],
-                       device: torch.device | None = None) -> DistillBatch:
-    """Collate a schedule step (after :func:`~hrkd.data.loading.shard`) for an objective over ``domains``.
-
-    ``domains`` are task domain indices in the objective's order; every one must appear exactly
-    once in the step with at least one row (multi-domain KD sums over all D domains each step).
-    """
-    local = {d: i for i, d in enumerate(domains)}
-    spans: list[tuple[int, int] | None] = [None] * len(domains)
-    rows: list[Tensor | None] = [None] * len(domains)
-    ids: list[Tensor] = []
-    start = 0
-    for d, idx in step:
-        if d not in local or spans[local[d]] is not None:
-            raise ValueError(f"step has rows of domain {d} that the objective over {list(domains)} does not expect")
-        n = len(idx)
-        spans[local[d]] = (start, start + n)
-        rows[local[d]] = idx
-        ids.append(torch.full((n,), local[d], dtype=torch.long))
-        start += n
-    empty = [task.domains[domains[i]] for i, s in enumerate(spans) if s is None or s[0] == s[1]]
-    if empty:
-        raise HRKDError(
-            f"a training step has no rows of domain(s) {empty} on this process: every step must see every domain; "
-            "lower engine.nproc or raise the student batch_size"
-        )
-    batch = collate(task, split, step)
-    batch = Batch(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.labels, torch.cat(ids))
-    if device is not None:
-        batch = batch.to(device)
-    return DistillBatch(batch=batch, spans=tuple(spans), rows=tuple(rows))  # type: ignore[arg-type]
-
-
-def _padded(db: DistillBatch, width: int) -> DistillBatch:
-    """The same rows padded to ``width`` positions (padding is masked, so real positions are unchanged)."""
-    b = db.batch
-
-    def pad(t: Tensor) -> Tensor:
-        return nn.functional.pad(t, (0, width - t.shape[1]))
-
-    return DistillBatch(Batch(pad(b.input_ids), pad(b.attention_mask), pad(b.token_type_ids), b.labels, b.domain_ids),
-                        db.spans, db.rows)
-
-
-def concat_domain_batches(batches: Sequence[Batch]) -> DistillBatch:
-    """One batch per domain -> a :class:`DistillBatch` padded to their common width (as in training)."""
-    if not batches or any(len(b) == 0 for b in batches):
-        raise HRKDError("need a non-empty batch of examples for every domain; pass at least one row per domain")
-    width = max(b.input_ids.shape[1] for b in batches)
-
-    def pad(t: Tensor) -> Tensor:
-        return nn.functional.pad(t, (0, width - t.shape[1]))
-
-    spans, start = [], 0
-    for b in batches:
-        spans.append((start, start + len(b)))
-        start += len(b)
-    device = batches[0].input_ids.device
-    batch = Batch(
-        torch.cat([pad(b.input_ids) for b in batches]),
-        torch.cat([pad(b.attention_mask) for b in batches]),
-        torch.cat([pad(b.token_type_ids) for b in batches]),
-        torch.cat([b.labels for b in batches]),
-        torch.cat([torch.full((len(b),), d, dtype=torch.long, device=device) for d, b in enumerate(batches)]),
-    )
-    return DistillBatch(batch=batch, spans=tuple(spans))
-
-
-# ---------------------------------------------------------------------------------------------
-# Teachers
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherGroup:
-    """One loaded teacher encoder serving one or more of the objective's domains.
-
-    Domains whose checkpoints hold the same encoder (the ``shared`` teacher, or one path listed
-    twice) share a model with one head per domain, so their rows go through ONE teacher forward.
-    ``domains`` are local domain indices; ``head_of`` maps them to this model's head index.
-    """
-
-    model: nn.Module
-    domains: tuple[int, ...]
-    head_of: Tensor  # [D] local domain -> head index here (-1 if not served by this group)
-
-
-def teacher_checkpoints(teacher_dir: str | Path, task: str, kind: str, domains: Sequence[str],
-                        checkpoint: str) -> dict[str, Path]:
-    """The teacher directory each domain is distilled from (``distill.teacher_checkpoint``)."""
-    teacher_dir = Path(teacher_dir)
-    fix = f"run `dvc repro train_teacher@{task}-{kind}` first"
-    if checkpoint == "shared":
-        if kind == "single":
-            raise HRKDError(
-                "distill.teacher_checkpoint=shared needs one checkpoint for all domains, which the 'single' teacher "
-                "kind does not have (one model per domain); use distill.teacher_checkpoint=per-domain"
-            )
-        paths = {d: teacher_dir / SHARED_TEACHERS / d for d in domains}
-    elif checkpoint == "per-domain":
-        paths = {d: teacher_dir / d for d in domains}
-    else:
-        raise HRKDError(f"unknown distill.teacher_checkpoint '{checkpoint}': use per-domain or shared")
-    missing = [str(p) for p in paths.values() if not (p / "config.json").is_file()]
-    if missing:
-        raise HRKDError(f"teacher checkpoint {missing[0]} not found: {fix}")
-    return paths
-
-
-def _same_encoder(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def load_teachers(paths: Mapping[str, str | Path], num_labels: int, device: torch.device) -> list[TeacherGroup]:
-    """Load per-domain teacher classifiers (frozen, eval mode, on ``device``), merging identical encoders.
-
-    ``paths`` maps the objective's domains, in order, to classifier directories.
-    """
-    from hrkd.models import MultiDomainBert
-
-    names = list(paths)
-    by_path: dict[Path, Any] = {}
-    # fork_rng: building heads draws from the global RNG; loading teachers must not shift the
-    # student's initialisation (runs stay comparable across teacher_checkpoint settings).
-    with torch.random.fork_rng(devices=[]):
-        for name in names:
-            key = Path(paths[name]).resolve()
-            if key not in by_path:
-                by_path[key] = MultiDomainBert.from_classifier(key, num_labels=num_labels)
-        loaded = [by_path[Path(paths[n]).resolve()] for n in names]
-        groups: list[list[int]] = []
-        for i, model in enumerate(loaded):
-            for group in groups:
-                if loaded[group[0]] is model or _same_encoder(loaded[group[0]].encoder, model.encoder):
-                    group.append(i)
-                    break
-            else:
-                groups.append([i])
-        out = []
-        for group in groups:
-            first = loaded[group[0]]
-            if len(group) == 1:
-                model = first
-            else:
-                model = MultiDomainBert(first.encoder, num_labels=num_labels, domains=[names[i] for i in group],
-                                        dropout=first.dropout.p)
-                for h, i in enumerate(group):
-                    model.heads[h].load_state_dict(loaded[i].heads[0].state_dict())
-            model.eval().requires_grad_(False).to(device)
-            head_of = torch.full((len(names),), -1, dtype=torch.long)
-            head_of[group] = torch.arange(len(group))
-            out.append(TeacherGroup(model=model, domains=tuple(group), head_of=head_of.to(device)))
-    if len(out) < len(names):
-        log.info("teachers: %d domains served by %d distinct teacher encoder(s)", len(names), len(out))
-    return out
 
 
 @dataclass
@@ -312,11 +63,6 @@ class _TeacherView:
     @property
     def logits(self) -> Tensor:
         return self.out.logits[self.a:self.z]
-
-
-# ---------------------------------------------------------------------------------------------
-# The objective
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -348,8 +94,8 @@ class KDObjective(nn.Module):
         teacher_hidden: int,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise HRKDError(f"unknown distillation method '{method}': choose one of {list(METHODS)}")
+        if method not in METHODS or METHODS[method].metakd:
+            raise HRKDError(f"unknown distillation method '{method}': choose one of {[m for m, v in METHODS.items() if not v.metakd]}")
         self.student = student
         self.method = method
         self.num_domains = num_domains
@@ -373,7 +119,7 @@ class KDObjective(nn.Module):
         self.graph: HierarchicalRelational | None = None
         self.graph_args: dict[str, Any] | None = None
         self.lr_scales: dict[str, float] = {}
-        if method in HRKD_METHODS:
+        if METHODS[method].graph:
             # F = student hidden size: the paper's raw student outputs; `projected` averages the
             # W^embd / W_m^hidn outputs at the teacher's width, as the authors (docs/distill.md).
             feature = teacher_hidden if distill.prototype_features == "projected" else Hs
@@ -582,39 +328,6 @@ class KDObjective(nn.Module):
             self.graph.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("graph.")})
 
 
-def domain_prototypes(student_out, db: DistillBatch, padding: bool, proj: Sequence[nn.Module] | None = None) -> Tensor:
-    """Eq. 6 for every domain's rows of a step: [M+1, D, F] in fp32.
-
-    ``proj``: W^embd, W_1^hidn..W_M^hidn; given, layer m's prototype averages proj[m]'s outputs
-    (the authors' code) instead of the raw student outputs (the paper).
-
-    ``padding`` True averages over all positions of the step's padded width (eq. 6 as written;
-    the authors pad to a fixed 128, we to the step's longest row);
-    False over real tokens only.
-    """
-    mask = db.batch.attention_mask
-    layers = [student_out.embeddings, *student_out.hidden_states]
-    if proj is not None:
-        layers = [p(x) for p, x in zip(proj, layers)]
-    return stack_domain_prototypes([
-        layer_prototypes(layers[0][a:z].float(), [h[a:z].float() for h in layers[1:]], None if padding else mask[a:z])
-        for a, z in db.spans
-    ])
-
-
-def _taps(hidden: bool, layers):
-    from hrkd.models import Taps
-
-    return Taps(hidden=hidden, attention_layers=frozenset(int(n) for n in layers))
-
-
-def _graph_ctor(args: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("num_layers", "num_domains", "feature_dim", "graph_hidden", "graph_heads", "dropout",
-            "self_attention", "comp_agg", "hierarchical", "graph_skip")
-    # Graphs saved before graph_output_elu existed all had the ELU on their output.
-    return {**{k: args[k] for k in keys}, "graph_output_elu": args.get("graph_output_elu", True)}
-
-
 def ratio_logs(ratios: Tensor) -> dict[str, Tensor]:
     """:func:`~hrkd.relational.ratio_diagnostics` on device (no host sync on the hot path).
 
@@ -632,122 +345,3 @@ def ratio_logs(ratios: Tensor) -> dict[str, Tensor]:
         logs.update({f"ratio/m{m}/min": low[m], f"ratio/m{m}/max": high[m], f"ratio/m{m}/entropy": normalised[m],
                      f"ratio/m{m}/dev": deviation[m]})
     return logs
-
-
-# ---------------------------------------------------------------------------------------------
-# Relational state on disk and the ratios of Tables 5-6
-# ---------------------------------------------------------------------------------------------
-
-
-def save_relational(objective: KDObjective, out_dir: str | Path, tokenizer, metadata: Mapping[str, Any]) -> Path:
-    """Write the student encoder, the graph state and its constructor arguments (no teacher needed to reload)."""
-    from hrkd.io import atomic_dir, write_json
-
-    if objective.graph is None or objective.graph_args is None:
-        raise HRKDError(f"method '{objective.method}' has no relational graph to save")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        objective.student.encoder.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({k: v.detach().cpu() for k, v in objective.graph.state_dict().items()}, tmp / GRAPH_FILE)
-        if objective.graph_args.get("prototype_features") == "projected":
-            torch.save({k: v.detach().cpu() for k, v in objective.proj.state_dict().items()}, tmp / PROJ_FILE)
-        write_json(tmp / GRAPH_META, {"graph": objective.graph_args, "method": objective.method,
-                                      "prototype_padding": objective.prototype_padding, **metadata})
-    return out_dir
-
-
-@dataclass
-class _RelationalProbe:
-    student: nn.Module
-    graph: HierarchicalRelational
-    prototype_padding: bool
-    domains: list[str] | None
-    proj: nn.ModuleList | None = None
-
-
-def load_relational(path: str | Path) -> _RelationalProbe:
-    """Reload a saved student encoder + graph (``<student out>/_relational`` or that folder itself)."""
-    from hrkd.io import read_json
-    from hrkd.models import MultiDomainBert
-
-    path = Path(path)
-    if not (path / GRAPH_META).is_file() and (path / RELATIONAL_DIR / GRAPH_META).is_file():
-        path = path / RELATIONAL_DIR
-    if not (path / GRAPH_META).is_file() or not (path / GRAPH_FILE).is_file():
-        raise HRKDError(f"{path} holds no relational state ({GRAPH_META}, {GRAPH_FILE}): distill an HRKD-method student first")
-    meta = read_json(path / GRAPH_META)
-    with torch.random.fork_rng(devices=[]):
-        student = MultiDomainBert.from_pretrained(path, num_labels=1, domains=None)  # head unused
-        graph = HierarchicalRelational(**_graph_ctor(meta["graph"]))
-    graph.load_state_dict(torch.load(path / GRAPH_FILE, map_location="cpu", weights_only=True))
-    proj = None
-    if meta["graph"].get("prototype_features") == "projected":
-        width = int(meta["graph"]["feature_dim"])
-        proj = nn.ModuleList(nn.Linear(student.hidden_size, width) for _ in range(student.num_layers + 1))
-        proj.load_state_dict(torch.load(path / PROJ_FILE, map_location="cpu", weights_only=True))
-        proj.eval()
-    return _RelationalProbe(student.eval(), graph.eval(), bool(meta["prototype_padding"]), meta.get("domains"), proj)
-
-
-def relational_ratios(objective_or_saved_dir: KDObjective | str | Path,
-                      batches_per_domain: Mapping[str, Batch] | Sequence[Batch], *,
-                      graph_dropout: bool = False) -> dict[str, Any]:
-    """Domain-relational ratios r [M+1, D] and hierarchical similarity ratios (Tables 5-6), dropout off.
-
-    ``graph_dropout=True`` keeps the graph's dropout on (the authors compute r in train mode):
-    comparing the two shows how much of r is dropout noise (docs/hrkd-method.md, ratio collapse).
-
-    ``batches_per_domain``: one batch of examples per domain, in the graph's domain order (a
-    mapping is read in insertion order, or in the saved domain order when its keys are those
-    names). Rows are padded to a common width and averaged as in training (eq. 6).
-    Returns tensors on the CPU: ``ratios`` [M+1, D], ``similarity`` (list of M+1 [D, m+1]),
-    ``domain_attention`` [M+1, D, D], plus ``diagnostics`` (:func:`ratio_diagnostics`) and ``domains``.
-    """
-    if isinstance(objective_or_saved_dir, KDObjective):
-        obj = objective_or_saved_dir
-        if obj.graph is None:
-            raise HRKDError(f"method '{obj.method}' has no relational graph; pass an HRKD-method objective")
-        projected = obj.graph_args is not None and obj.graph_args.get("prototype_features") == "projected"
-        probe = _RelationalProbe(obj.student, obj.graph, obj.prototype_padding, getattr(obj.student, "domains", None),
-                                 obj.proj if projected else None)
-    else:
-        probe = load_relational(objective_or_saved_dir)
-    domains = probe.domains
-    if isinstance(batches_per_domain, Mapping):
-        names = list(batches_per_domain)
-        if domains is not None and sorted(names) == sorted(domains):
-            names = list(domains)
-        batches = [batches_per_domain[n] for n in names]
-        domains = names
-    else:
-        batches = list(batches_per_domain)
-    if len(batches) != probe.graph.num_domains:
-        raise HRKDError(f"got batches for {len(batches)} domains but the graph has {probe.graph.num_domains}; pass one per domain")
-    device = next(probe.student.parameters()).device
-    if probe.proj is not None:
-        probe.proj.to(device)
-    db = concat_domain_batches([b.to(device) for b in batches])
-    modes = (probe.student.training, probe.graph.training)
-    probe.student.eval()
-    probe.graph.train(graph_dropout)
-    try:
-        with torch.no_grad():
-            b = db.batch
-            out = probe.student(b.input_ids, b.attention_mask, b.token_type_ids,
-                                domain=0 if len(probe.student.heads) > 1 else None, taps=_taps(True, ()))
-            protos = domain_prototypes(out, db, probe.prototype_padding, probe.proj)
-            with torch.autocast(device.type, enabled=False):
-                rel = probe.graph(protos)
-    finally:
-        probe.student.train(modes[0])
-        probe.graph.train(modes[1])
-    ratios = rel.ratios.float().cpu()
-    return {
-        "domains": domains,
-        "ratios": ratios,
-        "similarity": [s.float().cpu() for s in rel.similarity],
-        "domain_attention": rel.domain_attention.float().cpu(),
-        "diagnostics": ratio_diagnostics(ratios),
-    }
-

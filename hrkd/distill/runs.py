@@ -1,4 +1,4 @@
-"""Distillation runs (Tables 2-4) on top of the shared engine, mirroring :mod:`hrkd.teachers`.
+"""Distillation runs (Tables 2-4) on top of the shared engine, as :class:`StudentPlan` s of :mod:`hrkd.driver`.
 
 * ``tinybert-kd`` - one single-head student per domain, trained on that domain only and
   distilled from that domain's teacher checkpoint (eq. 5 with D = 1);
@@ -6,8 +6,8 @@
   step one batch of every domain, eq. 5 (the two names are the same computation);
 * ``hrkd`` and its ablations ``no-self-attention``, ``no-comp-agg``, ``no-hierarchical`` - the
   same student and schedule, eq. 17 with ratios from the relational graph;
-* ``metakd`` - Meta-KD (Pan et al. 2021) from the ``meta`` teacher, one student per domain
-  (:mod:`hrkd.metakd.distill`).
+(``metakd``, Meta-KD from the ``meta`` teacher, is :mod:`hrkd.metakd.distill`; the stage
+script chooses it.)
 
 Every run ends with one selected student per domain (best dev accuracy) saved as a plain
 ``BertForSequenceClassification`` directory under ``<out>/<domain>/``; HRKD methods also save
@@ -16,57 +16,154 @@ Every run ends with one selected student per domain (best dev accuracy) saved as
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from hrkd.config import Params, StudentSettings
 from hrkd.data.loading import Schedule, TaskSplits, collate, shard
-from hrkd.distill.objective import (
-    HRKD_METHODS,
-    RELATIONAL_DIR,
-    KDObjective,
-    check_method,
-    load_teachers,
-    make_distill_batch,
-    relational_ratios,
-    save_relational,
-    teacher_checkpoints,
-)
-from hrkd.engine import SHARED, Runtime, Trainer, discard_resume, seed_everything
+from hrkd.distill.batches import make_distill_batch
+from hrkd.distill.objective import KDObjective
+from hrkd.distill.ratios import RELATIONAL_DIR, relational_ratios, save_relational
+from hrkd.distill.teacher_models import load_teachers, teacher_checkpoints
+from hrkd.driver import Context, Run, RunPaths, drive
+from hrkd.engine import SHARED, Callback, Runtime, seed_everything
 from hrkd.errors import HRKDError
-from hrkd.io import atomic_dir, write_json
-from hrkd.relational import regime_counts, regime_of_counts
-from hrkd.teachers import RunPaths, _summarise, domain_accuracy, save_selected
+from hrkd.models import MultiDomainBert
+from hrkd.registry import method as method_spec
+from hrkd.registry import run_name
+from hrkd.relational import DIAGNOSTIC_KEYS, regime_counts, regime_of_counts
 
 log = logging.getLogger("hrkd.distill")
-
-DIAGNOSTIC_KEYS = ("mean_spread", "mean_normalised_entropy", "mean_max_abs_dev")
-METAKD = "metakd"  # Meta-KD: only from the meta-teacher, run by hrkd.metakd.distill
-
-
-def run_name(method: str, teacher_kind: str) -> str:
-    """Output name of a run: ``<teacher>-tinybert-kd``; the method for HRKD-teacher students, else ``<teacher>-<method>``.
-
-    ``metakd`` (only from the ``meta`` teacher) is named ``metakd``.
-    """
-    if method == METAKD:
-        if teacher_kind != "meta":
-            raise HRKDError(f"method metakd distils from the meta-teacher: use --teacher meta (got '{teacher_kind}')")
-        return METAKD
-    check_method(method, teacher_kind)
-    if method == "tinybert-kd" or teacher_kind != "hrkd":
-        return f"{teacher_kind}-{method}"
-    return method
 
 
 def student_settings(params: Params, task: str, fewshot: bool = False) -> StudentSettings:
     """The active profile's student schedule with the run's learning rate (``Params.student_lr`` precedence)."""
     settings = params.active.student
     return settings.model_copy(update={"lr": params.student_lr(task, fewshot)})
+
+
+@dataclass
+class StudentPlan:
+    """One KD method x teacher kind x seed on one task, for :func:`hrkd.driver.drive`."""
+
+    method: str
+    teacher_kind: str
+    task: TaskSplits
+    params: Params
+    seed: int
+    checkpoints: dict[str, Path]
+    pretrained: Path
+    tokenizer: Any
+    runtime: Runtime
+    settings: StudentSettings
+    fewshot: bool = False
+    role: str = "student"
+    relational: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return run_name(self.method, self.teacher_kind)
+
+    @property
+    def label(self) -> str:
+        return f"student {self.task.name}/{self.name}"
+
+    @property
+    def run_seed(self) -> int:
+        return self.seed + self.params.distill.seed_offset
+
+    def metadata(self) -> dict[str, Any]:
+        return {"role": "student", "method": self.method, "teacher": self.teacher_kind, "run": self.name,
+                "task": self.task.name, "seed": self.seed, "fewshot": self.fewshot,
+                "settings": self.settings.model_dump(), "distill": self.params.distill.model_dump(),
+                "max_seq_len": self.params.active.max_seq_len}
+
+    def runs(self, ctx: Context) -> Iterator[Run]:
+        spec = method_spec(self.method)
+        task, params, settings, runtime, distill = self.task, self.params, self.settings, self.runtime, self.params.distill
+        multi = not spec.per_domain
+        D = len(task.domains)
+        groups = [(d, [d]) for d in range(D)] if spec.per_domain else [(None, list(range(D)))]
+        for run_domain, domains in groups:
+            tag = task.domains[run_domain] if run_domain is not None else None
+            teachers = load_teachers({task.domains[d]: self.checkpoints[task.domains[d]] for d in domains},
+                                     len(task.labels), runtime.device)
+            teacher_cfg = teachers[0].model.config
+            # Seed right before the student, projections and graph are built: runs are reproducible.
+            seed_everything(self.run_seed)
+            student = MultiDomainBert.from_pretrained(self.pretrained, num_labels=len(task.labels),
+                                                      domains=task.domains if multi else None)
+            objective = KDObjective(student, teachers, num_domains=len(domains), method=self.method, distill=distill,
+                                    teacher_layers=int(teacher_cfg.num_hidden_layers),
+                                    teacher_hidden=int(teacher_cfg.hidden_size))
+            # No batch is wider than the longest training row (collate trims to it).
+            width = max(int(task.splits[task.domains[d]]["train"].lengths.max()) for d in domains)
+            objective.ratio_watch_every = params.engine.log_every if runtime.is_main else 0
+            objective.enable_teacher_cache([task.sizes("train")[d] for d in domains], width,
+                                           params.engine.teacher_cache_gib)
+
+            def make_batch(step, _domains=tuple(domains)):
+                return make_distill_batch(task, "train", shard(step, runtime.rank, runtime.world), _domains,
+                                          runtime.device)
+
+            config = {"method": self.method, "teacher": self.teacher_kind, "task": task.name, "domain": tag,
+                      "settings": settings.model_dump(), "distill": distill.model_dump(), "seed": self.run_seed,
+                      "sizes": task.sizes("train"), "max_seq_len": params.active.max_seq_len, "fewshot": self.fewshot,
+                      "teachers": {d: str(p) for d, p in self.checkpoints.items()}, "pretrained": str(self.pretrained),
+                      "world": runtime.world}
+            yield Run(
+                module=objective, model=student, make_batch=make_batch,
+                schedule=Schedule(kind="single" if spec.per_domain else "parallel", sizes=tuple(task.sizes("train")),
+                                  batch_size=settings.batch_size, seed=self.run_seed, domain=run_domain or 0),
+                settings=settings, domains=domains, config=config, multi_head=multi,
+                desc=self.label + (f"/{tag}" if tag else ""), restore=objective.load_snapshot,
+                snapshot=lambda m: m.snapshot_state(), select_average=spec.graph, subdir=tag,
+                after=self._save_relational(objective) if spec.graph else None,
+            )
+            del objective, teachers, student
+
+    def _save_relational(self, objective: KDObjective):
+        def after(trainer, result, staging: Path) -> None:
+            # One encoder + graph for the case studies: the step with the best average dev accuracy.
+            objective.load_snapshot(trainer.best_state(SHARED))
+            save_relational(objective, staging / RELATIONAL_DIR, self.tokenizer,
+                            {**self.metadata(), "domains": self.task.domains, "selected_step": result.best[SHARED].step,
+                             "selection": "average dev accuracy", "dev_average": result.best[SHARED].dev})
+            self.relational = final_ratio_diagnostics(objective, self.task, self.settings.batch_size, self.runtime,
+                                                      self.run_seed)
+
+        return after
+
+    def summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        relational = self.relational
+        if relational:
+            metrics["ratios"] = {mode: {**{k: round(relational[mode]["diagnostics"][k], 6) for k in DIAGNOSTIC_KEYS},
+                                        **regime_counts(relational[mode]["ratios"])}
+                                 for mode in ("eval", "train_mode")}
+            _log_regimes(metrics["ratios"])
+        return {
+            "method": self.method, "teacher": self.teacher_kind, "run": self.name, "task": self.task.name,
+            "seed": self.seed, "domains": self.task.domains, "labels": self.task.labels, "lr": self.settings.lr,
+            "fewshot": self.fewshot, "metrics": metrics,
+            **({"ratios": {mode: {"ratios": v["ratios"].tolist(), **v["diagnostics"]} for mode, v in relational.items()}}
+               if relational else {}),
+        }
+
+
+def _log_regimes(ratios: dict[str, Any]) -> None:
+    for mode, what in (("eval", "eval mode"), ("train_mode", "graph dropout on")):
+        regime = regime_of_counts(ratios[mode])
+        if regime != "learned":
+            log.warning("the selected student's ratios are %s (%s, dev batch): %s", regime, what,
+                        "eq. 17 reduces to eq. 5 / D" if regime == "uniform"
+                        else "intermediate KD is off for all but one domain in some layer")
+    log.info("ratios (dev batch): eval-mode mean spread %.2e, normalised entropy %.4f; with graph dropout %.2e, %.4f",
+             ratios["eval"]["mean_spread"], ratios["eval"]["mean_normalised_entropy"],
+             ratios["train_mode"]["mean_spread"], ratios["train_mode"]["mean_normalised_entropy"])
 
 
 def distill_student(
@@ -83,132 +180,24 @@ def distill_student(
     paths: RunPaths,
     fewshot: bool = False,
     settings: StudentSettings | None = None,
-    stop_at_step: int | None = None,
-    scores: Sequence[torch.Tensor] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
-    """Distil one student (or, for tinybert-kd and metakd, one per domain) and write checkpoints plus metrics.
+    """Distil one student (or, for tinybert-kd, one per domain) and write checkpoints plus metrics.
 
-    ``scores``: Meta-KD transferability scores of the training rows (method ``metakd`` only,
-    :func:`hrkd.metakd.scores.load_scores`); ``settings`` does not apply to it (two schedules,
-    :func:`hrkd.metakd.distill.metakd_settings`).
+    Meta-KD (method ``metakd``) is :func:`hrkd.metakd.distill.distill_metakd`.
     """
-    from hrkd.models import MultiDomainBert
-
-    if method == METAKD:
-        from hrkd.metakd.distill import distill_metakd
-
-        run_name(method, teacher_kind)
-        if scores is None:
-            raise HRKDError(f"metakd needs the transferability scores: run `dvc repro metakd_scores@{task.name}` "
-                            "and pass them (scores=load_scores(...))")
-        return distill_metakd(task=task, params=params, seed=seed, teacher_dir=teacher_dir,
-                              pretrained_student=pretrained_student, tokenizer=tokenizer, runtime=runtime, paths=paths,
-                              scores=scores, fewshot=fewshot, stop_at_step=stop_at_step)
-    check_method(method, teacher_kind)
+    spec = method_spec(method, teacher_kind)
+    if spec.metakd:
+        raise HRKDError("method metakd is meta-distillation: run it with `python pipeline/distill.py --method metakd "
+                        "--teacher meta` (hrkd.metakd.distill.distill_metakd)")
     settings = settings or student_settings(params, task.name, fewshot)
-    distill = params.distill
-    run_seed = seed + distill.seed_offset
-    single = method == "tinybert-kd"
-    multi = not single
-    hrkd = method in HRKD_METHODS
-    name = run_name(method, teacher_kind)
-    D = len(task.domains)
     # Fail on a missing teacher before any training starts.
-    checkpoints = teacher_checkpoints(teacher_dir, task.name, teacher_kind, task.domains, distill.teacher_checkpoint)
-    selected: dict[str, dict[str, Any]] = {}
-    relational: dict[str, Any] = {}
-    staging = atomic_dir(paths.out) if runtime.is_main else contextlib.nullcontext(None)
-    with staging as tmp:
-        runs = [(d, [d]) for d in range(D)] if single else [(None, list(range(D)))]
-        for run_domain, domains in runs:
-            tag = task.domains[run_domain] if run_domain is not None else None
-            teachers = load_teachers({task.domains[d]: checkpoints[task.domains[d]] for d in domains},
-                                     len(task.labels), runtime.device)
-            teacher_cfg = teachers[0].model.config
-            # Seed right before the student, projections and graph are built: runs are reproducible.
-            seed_everything(run_seed)
-            student = MultiDomainBert.from_pretrained(pretrained_student, num_labels=len(task.labels),
-                                                      domains=task.domains if multi else None)
-            objective = KDObjective(student, teachers, num_domains=len(domains), method=method, distill=distill,
-                                    teacher_layers=int(teacher_cfg.num_hidden_layers),
-                                    teacher_hidden=int(teacher_cfg.hidden_size))
-            # No batch is wider than the longest training row (collate trims to it).
-            width = max(int(task.splits[task.domains[d]]["train"].lengths.max()) for d in domains)
-            objective.ratio_watch_every = params.engine.log_every if runtime.is_main else 0
-            objective.enable_teacher_cache([task.sizes("train")[d] for d in domains], width,
-                                           params.engine.teacher_cache_gib)
-            schedule = Schedule(kind="single" if single else "parallel", sizes=tuple(task.sizes("train")),
-                                batch_size=settings.batch_size, seed=run_seed, domain=run_domain or 0)
-
-            def make_batch(step, _domains=tuple(domains)):
-                return make_distill_batch(task, "train", shard(step, runtime.rank, runtime.world), _domains,
-                                          runtime.device)
-
-            def evaluate(module, _domains=tuple(domains)):
-                return {task.domains[d]: domain_accuracy(module.student, task, "dev", d, settings.eval_batch_size,
-                                                         runtime, multi) for d in _domains}
-
-            sub = (lambda p: p / tag) if tag else (lambda p: p)
-            config = {"method": method, "teacher": teacher_kind, "task": task.name, "domain": tag,
-                      "settings": settings.model_dump(), "distill": distill.model_dump(), "seed": run_seed,
-                      "sizes": task.sizes("train"), "max_seq_len": params.active.max_seq_len, "fewshot": fewshot,
-                      "teachers": {d: str(p) for d, p in checkpoints.items()}, "pretrained": str(pretrained_student),
-                      "world": runtime.world}
-            trainer = Trainer(
-                module=objective, make_batch=make_batch, schedule=schedule, settings=settings, runtime=runtime,
-                engine=params.engine, evaluate=evaluate, domains=[task.domains[d] for d in domains],
-                resume_dir=sub(paths.resume), live_dir=sub(paths.live) if paths.live else None, config=config,
-                snapshot=lambda m: m.snapshot_state(), select_average=hrkd, stop_at_step=stop_at_step,
-                desc=f"student {task.name}/{name}" + (f"/{tag}" if tag else ""),
-            )
-            result = trainer.fit()
-            if runtime.is_main:
-                meta = {"role": "student", "method": method, "teacher": teacher_kind, "run": name, "task": task.name,
-                        "seed": seed, "fewshot": fewshot, "settings": settings.model_dump(),
-                        "distill": distill.model_dump(), "max_seq_len": params.active.max_seq_len}
-                for d in domains:
-                    selected[task.domains[d]] = save_selected(
-                        trainer=trainer, result=result, restore=objective.load_snapshot, model=student, task=task,
-                        domain=d, head=d if multi else 0, out_dir=tmp, tokenizer=tokenizer,
-                        batch_size=settings.eval_batch_size, runtime=runtime, multi_head=multi, metadata=meta,
-                    )
-                if hrkd:
-                    # One encoder + graph for the case studies: the step with the best average dev accuracy.
-                    objective.load_snapshot(trainer.best_state(SHARED))
-                    save_relational(objective, tmp / RELATIONAL_DIR, tokenizer,
-                                    {**meta, "domains": task.domains, "selected_step": result.best[SHARED].step,
-                                     "selection": "average dev accuracy", "dev_average": result.best[SHARED].dev})
-                    relational = final_ratio_diagnostics(objective, task, settings.batch_size, runtime, run_seed)
-            trainer.finish()
-            del objective, teachers, student
-        if not runtime.is_main:
-            return {}
-        metrics = _summarise(selected, task.domains)
-        if relational:
-            metrics["ratios"] = {mode: {**{k: round(relational[mode]["diagnostics"][k], 6) for k in DIAGNOSTIC_KEYS},
-                                        **regime_counts(relational[mode]["ratios"])}
-                                 for mode in ("eval", "train_mode")}
-        write_json(tmp / "student.json", {
-            "method": method, "teacher": teacher_kind, "run": name, "task": task.name, "seed": seed,
-            "domains": task.domains, "labels": task.labels, "lr": settings.lr, "fewshot": fewshot, "metrics": metrics,
-            **({"ratios": {mode: {"ratios": v["ratios"].tolist(), **v["diagnostics"]} for mode, v in relational.items()}}
-               if relational else {}),
-        })
-    write_json(paths.metrics, metrics)
-    discard_resume(paths.resume, runtime)
-    log.info("student %s/%s test accuracy: %s", task.name, name,
-             " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
-    if relational:
-        for mode, what in (("eval", "eval mode"), ("train_mode", "graph dropout on")):
-            regime = regime_of_counts(metrics["ratios"][mode])
-            if regime != "learned":
-                log.warning("the selected student's ratios are %s (%s, dev batch): %s", regime, what,
-                            "eq. 17 reduces to eq. 5 / D" if regime == "uniform"
-                            else "intermediate KD is off for all but one domain in some layer")
-        log.info("ratios (dev batch): eval-mode mean spread %.2e, normalised entropy %.4f; with graph dropout %.2e, %.4f",
-                 metrics["ratios"]["eval"]["mean_spread"], metrics["ratios"]["eval"]["mean_normalised_entropy"],
-                 metrics["ratios"]["train_mode"]["mean_spread"], metrics["ratios"]["train_mode"]["mean_normalised_entropy"])
-    return metrics
+    checkpoints = teacher_checkpoints(teacher_dir, task.name, teacher_kind, task.domains,
+                                      params.distill.teacher_checkpoint)
+    plan = StudentPlan(method, teacher_kind, task, params, seed, checkpoints, Path(pretrained_student), tokenizer,
+                       runtime, settings, fewshot)
+    return drive(plan, task=task, tokenizer=tokenizer, runtime=runtime, engine=params.engine, paths=paths,
+                 metadata=plan.metadata(), callbacks=callbacks)
 
 
 def final_ratio_diagnostics(objective: KDObjective, task: TaskSplits, rows: int, runtime: Runtime,

@@ -22,20 +22,21 @@ checkpoint selected for domain k. Its loss terms, per example i:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hrkd.config import Params, TrainSettings
 from hrkd.data.loading import Schedule, TaskSplits, shard
-from hrkd.engine import Runtime, Trainer, discard_resume, fingerprint, seed_everything
+from hrkd.distill.teacher_models import load_teachers, teacher_checkpoints
+from hrkd.driver import Context, Run, RunPaths, drive
+from hrkd.engine import Callback, Job, Runtime, fingerprint, seed_everything
 from hrkd.errors import HRKDError
-from hrkd.io import atomic_dir, atomic_file, read_json, write_json
+from hrkd.io import atomic_file, read_json
 from hrkd.losses import mse, soft_cross_entropy, uniform_layer_map
 from hrkd.metakd.losses import (
     expertise_weights,
@@ -46,6 +47,7 @@ from hrkd.metakd.losses import (
     weighted_mean,
 )
 from hrkd.metakd.teacher import DomainBranch, MetaBatch, load_branch, make_meta_batch
+from hrkd.models import MultiDomainBert, Taps
 
 log = logging.getLogger("hrkd.metakd.distill")
 
@@ -66,8 +68,6 @@ class MetaTeacher:
 
 def load_meta_teacher(path: str | Path, num_labels: int, domains: Sequence[str], device: torch.device) -> MetaTeacher:
     """Load one saved meta-teacher domain folder (classifier + ``metakd_branch``) for distillation."""
-    from hrkd.distill.objective import load_teachers
-
     branch, meta = load_branch(path)
     if list(meta.get("domains", [])) != list(domains):
         raise HRKDError(f"{path} was trained on domains {meta.get('domains')} but the task has {list(domains)}; "
@@ -113,7 +113,6 @@ class MetaDistillObjective(nn.Module):
         self._teacher = [teacher]
         if stage == "prediction":
             return
-        from hrkd.models import Taps
 
         tcfg = teacher.model.config
         if int(tcfg.num_attention_heads) != student.num_attention_heads:
@@ -175,50 +174,47 @@ class MetaDistillObjective(nn.Module):
         self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
 
 
-def distill_metakd(
-    *,
-    task: TaskSplits,
-    params: Params,
-    seed: int,
-    teacher_dir: str | Path,
-    pretrained_student: str | Path,
-    tokenizer: Any,
-    runtime: Runtime,
-    paths,
-    scores: Sequence[Tensor],
-    fewshot: bool = False,
-    settings: tuple[TrainSettings, TrainSettings] | None = None,
-    stop_at_step: int | None = None,
-) -> dict[str, Any]:
-    """Meta-distil one student per domain; write ``paths.out/<domain>/`` classifiers, ``student.json`` and metrics.
+@dataclass
+class MetaKDPlan:
+    """Meta-distillation of one student per domain (one seed), for :func:`hrkd.driver.drive`."""
 
-    ``scores``: per-domain t tensors (:func:`hrkd.metakd.scores.load_scores`); ``paths``: a
-    :class:`hrkd.teachers.RunPaths`; ``settings``: (stage A, stage B), default :func:`metakd_settings`.
-    """
-    from hrkd.distill.objective import teacher_checkpoints
-    from hrkd.models import MultiDomainBert
-    from hrkd.teachers import _summarise, domain_accuracy, save_selected
+    task: TaskSplits
+    params: Params
+    seed: int
+    checkpoints: dict[str, Path]
+    pretrained: Path
+    runtime: Runtime
+    scores: Sequence[Tensor]
+    stage_a: TrainSettings
+    stage_b: TrainSettings
+    fewshot: bool = False
+    role: str = "student"
 
-    stage_a, stage_b = settings or metakd_settings(params)
-    opts = params.metakd.distill
-    run_seed = seed + params.distill.seed_offset
-    D = len(task.domains)
-    if len(scores) != D or any(len(scores[d]) != n for d, n in enumerate(task.sizes("train"))):
-        raise HRKDError("the transferability scores do not match the task's training rows; "
-                        f"rerun `dvc repro metakd_scores@{task.name}`")
-    teacher_dir = Path(teacher_dir)
-    if not any((teacher_dir / d / "config.json").is_file() for d in task.domains):
-        raise HRKDError(f"no meta-teacher in {teacher_dir}: run `dvc repro train_meta_teacher@{task.name}` first")
-    checkpoints = teacher_checkpoints(teacher_dir, task.name, TEACHER_KIND, task.domains, params.distill.teacher_checkpoint)
-    two_stage = opts.schedule == "two-stage"
-    selected: dict[str, dict[str, Any]] = {}
-    staging = atomic_dir(paths.out) if runtime.is_main else contextlib.nullcontext(None)
-    with staging as tmp:
+    @property
+    def label(self) -> str:
+        return f"student {self.task.name}/{METHOD}"
+
+    @property
+    def two_stage(self) -> bool:
+        return self.params.metakd.distill.schedule == "two-stage"
+
+    def metadata(self) -> dict[str, Any]:
+        opts = self.params.metakd.distill
+        return {"role": "student", "method": METHOD, "teacher": TEACHER_KIND, "run": METHOD, "task": self.task.name,
+                "seed": self.seed, "fewshot": self.fewshot, "schedule": opts.schedule, "metakd": opts.model_dump(),
+                "settings": self.stage_b.model_dump(), "stage_a": self.stage_a.model_dump() if self.two_stage else None,
+                "max_seq_len": self.params.active.max_seq_len}
+
+    def runs(self, ctx: Context) -> Iterator[Run]:
+        task, params, runtime, scores = self.task, self.params, self.runtime, self.scores
+        opts = params.metakd.distill
+        run_seed = self.seed + params.distill.seed_offset
+        D = len(task.domains)
         for d, dname in enumerate(task.domains):
-            teacher = load_meta_teacher(checkpoints[dname], len(task.labels), task.domains, runtime.device)
+            teacher = load_meta_teacher(self.checkpoints[dname], len(task.labels), task.domains, runtime.device)
             # Seeded right before the student, W_f and the student's branch are built: reproducible runs.
             seed_everything(run_seed)
-            student = MultiDomainBert.from_pretrained(pretrained_student, num_labels=len(task.labels), domains=None)
+            student = MultiDomainBert.from_pretrained(self.pretrained, num_labels=len(task.labels), domains=None)
 
             def objective(stage: str, _teacher=teacher, _student=student) -> MetaDistillObjective:
                 return MetaDistillObjective(_student, _teacher, stage=stage, num_domains=D,
@@ -228,101 +224,108 @@ def distill_metakd(
             def make_batch(step):
                 return make_meta_batch(task, "train", shard(step, runtime.rank, runtime.world), scores, runtime.device)
 
-            def evaluate(module, _d=d):
-                return {task.domains[_d]: domain_accuracy(module.student, task, "dev", _d, stage_b.eval_batch_size,
-                                                          runtime, False)}
+            def schedule(settings: TrainSettings, _d=d) -> Schedule:
+                return Schedule(kind="single", sizes=tuple(task.sizes("train")), batch_size=settings.batch_size,
+                                seed=run_seed, domain=_d)
 
             base = {"method": METHOD, "teacher": TEACHER_KIND, "task": task.name, "domain": dname, "seed": run_seed,
                     "metakd": opts.model_dump(), "sizes": task.sizes("train"),
-                    "max_seq_len": params.active.max_seq_len, "fewshot": fewshot,
-                    "teacher_path": str(checkpoints[dname]), "pretrained": str(pretrained_student),
+                    "max_seq_len": params.active.max_seq_len, "fewshot": self.fewshot,
+                    "teacher_path": str(self.checkpoints[dname]), "pretrained": str(self.pretrained),
                     "world": runtime.world, "t": [round(float(scores[d].double().sum()), 6), len(scores[d])]}
-            resume, live = paths.resume / dname, (paths.live / dname if paths.live else None)
-            desc = f"student {task.name}/{METHOD}/{dname}"
-            if two_stage:
-                cfg_a = {**base, "stage": "intermediate", "settings": stage_a.model_dump()}
-                _stage_a(objective("intermediate"), cfg_a, stage_a, make_batch, d, task, params, runtime,
-                         resume / "stage-a", live / "stage-a" if live else None, run_seed, stop_at_step, desc)
+            desc = f"{self.label}/{dname}"
+            if self.two_stage:
+                cfg_a = {**base, "stage": "intermediate", "settings": self.stage_a.model_dump()}
+                job_a = Job(module=objective("intermediate"), make_batch=make_batch, schedule=schedule(self.stage_a),
+                            settings=self.stage_a,
+                            # No model selection in stage A: the prediction layer is untrained, so dev
+                            # accuracy means nothing.
+                            evaluate=lambda module: {}, domains=[], config=cfg_a,
+                            find_unused_parameters=True,  # the student's classifier gets no gradient in stage A
+                            desc=desc + " (stage A)")
+                _stage_a(job_a, ctx, f"{dname}/stage-a")
                 seed_everything(run_seed)  # stage B's dropout stream does not depend on how stage A ended
                 final = objective("prediction")
-                cfg_b = {**base, "stage": "prediction", "settings": stage_b.model_dump(), "after": fingerprint(cfg_a)}
-                stage_dirs = (resume / "stage-b", live / "stage-b" if live else None)
+                cfg_b = {**base, "stage": "prediction", "settings": self.stage_b.model_dump(), "after": fingerprint(cfg_a)}
+                subdir = f"{dname}/stage-b"
             else:
                 final = objective("joint")
-                cfg_b = {**base, "stage": "joint", "settings": stage_b.model_dump()}
-                stage_dirs = (resume, live)
-            trainer = Trainer(
-                module=final, make_batch=make_batch,
-                schedule=Schedule(kind="single", sizes=tuple(task.sizes("train")), batch_size=stage_b.batch_size,
-                                  seed=run_seed, domain=d),
-                settings=stage_b, runtime=runtime, engine=params.engine, evaluate=evaluate, domains=[dname],
-                resume_dir=stage_dirs[0], live_dir=stage_dirs[1], config=cfg_b, snapshot=lambda m: m.snapshot_state(),
-                find_unused_parameters=False, stop_at_step=stop_at_step,
-                desc=desc + (" (stage B)" if two_stage else ""),
-            )
-            result = trainer.fit()
-            if runtime.is_main:
-                selected[dname] = save_selected(
-                    trainer=trainer, result=result, restore=final.load_snapshot, model=student, task=task,
-                    domain=d, head=0, out_dir=tmp, tokenizer=tokenizer, batch_size=stage_b.eval_batch_size,
-                    runtime=runtime, multi_head=False,
-                    metadata={"role": "student", "method": METHOD, "teacher": TEACHER_KIND, "run": METHOD,
-                              "task": task.name, "seed": seed, "fewshot": fewshot, "schedule": opts.schedule,
-                              "metakd": opts.model_dump(), "settings": stage_b.model_dump(),
-                              "stage_a": stage_a.model_dump() if two_stage else None,
-                              "max_seq_len": params.active.max_seq_len},
-                )
-            trainer.finish()
-            if two_stage and runtime.is_main:
+                cfg_b = {**base, "stage": "joint", "settings": self.stage_b.model_dump()}
+                subdir = dname
+            yield Run(module=final, model=student, make_batch=make_batch, schedule=schedule(self.stage_b),
+                      settings=self.stage_b, domains=[d], config=cfg_b, desc=desc + (" (stage B)" if self.two_stage else ""),
+                      restore=final.load_snapshot, snapshot=lambda m: m.snapshot_state(), subdir=subdir)
+            if self.two_stage and runtime.is_main:
                 # The domain is complete: its stage-A student is no longer needed to resume.
-                (resume / "stage-a" / STAGE_A_STUDENT).unlink(missing_ok=True)
+                (ctx.paths.resume / dname / "stage-a" / STAGE_A_STUDENT).unlink(missing_ok=True)
             del final, teacher, student
-        if not runtime.is_main:
-            return {}
-        metrics = _summarise(selected, task.domains)
-        write_json(tmp / "student.json", {
-            "method": METHOD, "teacher": TEACHER_KIND, "run": METHOD, "task": task.name, "seed": seed,
-            "domains": task.domains, "labels": task.labels, "lr": stage_b.lr, "fewshot": fewshot,
-            "schedule": opts.schedule, "stage_a": stage_a.model_dump() if two_stage else None,
-            "stage_b": stage_b.model_dump(), "metrics": metrics,
-        })
-    write_json(paths.metrics, metrics)
-    discard_resume(paths.resume, runtime)
-    log.info("student %s/%s test accuracy: %s", task.name, METHOD,
-             " ".join(f"{d}={metrics['test'][d]:.4f}" for d in task.domains) + f" avg={metrics['test']['average']:.4f}")
-    return metrics
+
+    def summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"method": METHOD, "teacher": TEACHER_KIND, "run": METHOD, "task": self.task.name, "seed": self.seed,
+                "domains": self.task.domains, "labels": self.task.labels, "lr": self.stage_b.lr,
+                "fewshot": self.fewshot, "schedule": self.params.metakd.distill.schedule,
+                "stage_a": self.stage_a.model_dump() if self.two_stage else None,
+                "stage_b": self.stage_b.model_dump(), "metrics": metrics}
 
 
-def _stage_a(objective: MetaDistillObjective, config: dict[str, Any], settings: TrainSettings, make_batch,
-             domain: int, task: TaskSplits, params: Params, runtime: Runtime, resume: Path, live: Path | None,
-             seed: int, stop_at_step: int | None, desc: str) -> None:
+def distill_metakd(
+    *,
+    task: TaskSplits,
+    params: Params,
+    seed: int,
+    teacher_dir: str | Path,
+    pretrained_student: str | Path,
+    tokenizer: Any,
+    runtime: Runtime,
+    paths: RunPaths,
+    scores: Sequence[Tensor] | None,
+    fewshot: bool = False,
+    settings: tuple[TrainSettings, TrainSettings] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Meta-distil one student per domain; write ``paths.out/<domain>/`` classifiers, ``student.json`` and metrics.
+
+    ``scores``: per-domain t tensors (:func:`hrkd.metakd.scores.load_scores`); ``settings``: (stage A,
+    stage B), default :func:`metakd_settings`.
+    """
+    if scores is None:
+        raise HRKDError(f"metakd needs the transferability scores: run `dvc repro metakd_scores@{task.name}` "
+                        "and pass them (scores=load_scores(...))")
+    stage_a, stage_b = settings or metakd_settings(params)
+    if len(scores) != len(task.domains) or any(len(scores[d]) != n for d, n in enumerate(task.sizes("train"))):
+        raise HRKDError("the transferability scores do not match the task's training rows; "
+                        f"rerun `dvc repro metakd_scores@{task.name}`")
+    teacher_dir = Path(teacher_dir)
+    if not any((teacher_dir / d / "config.json").is_file() for d in task.domains):
+        raise HRKDError(f"no meta-teacher in {teacher_dir}: run `dvc repro train_meta_teacher@{task.name}` first")
+    checkpoints = teacher_checkpoints(teacher_dir, task.name, TEACHER_KIND, task.domains,
+                                      params.distill.teacher_checkpoint)
+    plan = MetaKDPlan(task, params, seed, checkpoints, Path(pretrained_student), runtime, scores, stage_a, stage_b,
+                      fewshot)
+    return drive(plan, task=task, tokenizer=tokenizer, runtime=runtime, engine=params.engine, paths=paths,
+                 metadata=plan.metadata(), callbacks=callbacks)
+
+
+def _stage_a(job: Job, ctx: Context, subdir: str) -> None:
     """Stage A: the lambda-weighted intermediate-layer loss; the LAST student is kept (no dev selection).
 
     Its final student is saved in the resume folder, so a run killed during stage B does not
     repeat stage A; the file goes when the domain's run completes.
     """
+    resume = ctx.paths.resume / subdir
     saved = resume / STAGE_A_STUDENT
     status = resume / "status.json"
+    student = job.module.student
     if saved.is_file() and status.is_file():
         done = read_json(status)
-        if done.get("complete") and done.get("fingerprint") == fingerprint(config):
-            objective.student.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
-            log.info("%s: stage A already complete in %s; continuing with stage B", desc, resume)
+        if done.get("complete") and done.get("fingerprint") == fingerprint(job.config):
+            student.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+            log.info("%s: stage A already complete in %s; continuing with stage B", job.desc, resume)
             return
-    trainer = Trainer(
-        module=objective, make_batch=make_batch,
-        schedule=Schedule(kind="single", sizes=tuple(task.sizes("train")), batch_size=settings.batch_size,
-                          seed=seed, domain=domain),
-        settings=settings, runtime=runtime, engine=params.engine,
-        # No model selection in stage A: the prediction layer is untrained, so dev accuracy means nothing.
-        evaluate=lambda module: {}, domains=[], resume_dir=resume, live_dir=live, config=config,
-        find_unused_parameters=True,  # the student's classifier gets no gradient in stage A
-        stop_at_step=stop_at_step, desc=desc + " (stage A)",
-    )
-    trainer.fit()
+    trainer, _ = ctx.fit(job, subdir)
     trainer.finish()
-    if runtime.is_main:
-        state = {k: v.detach().cpu() for k, v in objective.student.state_dict().items()}
+    if ctx.runtime.is_main:
+        state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
         with atomic_file(saved, "wb") as handle:
             torch.save(state, handle)
-    runtime.barrier()
+    ctx.runtime.barrier()

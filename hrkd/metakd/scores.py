@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hrkd.data.format import read_split
 from hrkd.errors import HRKDError
+from hrkd.io import atomic_dir, write_json
 from hrkd.metakd.losses import masked_positions_mean
 
 log = logging.getLogger("hrkd.metakd.scores")
@@ -154,9 +156,6 @@ def compute_scores(*, task, data_dir: str | Path, encoder: torch.nn.Module, sett
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hrkd.data.format import read_split
-    from hrkd.io import atomic_dir, write_json
-
     K = len(task.domains)
     embs, doms, labels, uids, rows = [], [], [], [], []
     for d, name in enumerate(task.domains):
@@ -209,8 +208,6 @@ def load_scores(scores: str | Path, data_dir: str | Path, task) -> list[Tensor]:
     train split) finds its scores too, and a cache from other data fails here with the fix.
     """
     import pandas as pd
-
-    from hrkd.data.format import read_split
 
     path = Path(scores)
     if path.is_dir():

@@ -29,8 +29,10 @@ from torch import Tensor, nn
 
 from hrkd.data.loading import Batch, Step, TaskSplits, collate
 from hrkd.errors import HRKDError
+from hrkd.io import read_json, write_json
 from hrkd.metakd.losses import masked_positions_mean, meta_teacher_loss
 from hrkd.metakd.scores import gather_scores
+from hrkd.teachers import train_teacher
 
 log = logging.getLogger("hrkd.metakd.teacher")
 
@@ -141,17 +143,28 @@ class MetaTeacherObjective(nn.Module):
             digest.update(t.numpy().tobytes())
         return {"metakd": self.settings.model_dump(), "scores": digest.hexdigest()[:16] if self.scores else None}
 
-    def save_branch(self, out_dir: str | Path) -> None:
+    def save_extra(self, out_dir: str | Path) -> None:
+        """Meta-distillation's TKD target needs the branch next to each saved teacher checkpoint."""
         save_branch(self.branch, out_dir, {"domains": self.domains, "mask_padding": self.settings.mask_padding,
                                            "domain_loss_weight": self.gamma1,
                                            "sample_weights": self.settings.sample_weights})
+
+
+def train_meta_teacher(*, task: TaskSplits, params, scores: Sequence[Tensor] | None, **kwargs) -> dict[str, Any]:
+    """Train the meta-teacher (teacher kind ``meta``): :func:`hrkd.teachers.train_teacher` with this objective.
+
+    ``scores``: the transferability scores of the training rows (:func:`hrkd.metakd.scores.load_scores`).
+    """
+    def make_objective(model: nn.Module) -> MetaTeacherObjective:
+        return MetaTeacherObjective(model, task.domains, params.metakd.teacher, scores)
+
+    return train_teacher(kind="meta", task=task, params=params, make_objective=make_objective, **kwargs)
 
 
 def save_branch(branch: DomainBranch, out_dir: str | Path, metadata: dict[str, Any]) -> None:
     """Write the branch weights + constructor arguments into an (already staged) teacher folder."""
     from safetensors.torch import save_file
 
-    from hrkd.io import write_json
 
     out_dir = Path(out_dir)
     save_file({k: v.detach().contiguous().cpu() for k, v in branch.state_dict().items()}, str(out_dir / BRANCH_WEIGHTS))
@@ -164,7 +177,6 @@ def load_branch(teacher_dir: str | Path) -> tuple[DomainBranch, dict[str, Any]]:
     """The meta-teacher's domain branch saved next to a classifier (frozen, eval mode) and its metadata."""
     from safetensors.torch import load_file
 
-    from hrkd.io import read_json
 
     teacher_dir = Path(teacher_dir)
     if not (teacher_dir / BRANCH_META).is_file() or not (teacher_dir / BRANCH_WEIGHTS).is_file():

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hrkd.data.format import read_meta, read_split
+from hrkd.data.loading import collate, load_task
+from hrkd.distill.ratios import relational_ratios
 from hrkd.errors import HRKDError
+from hrkd.io import read_json
+from hrkd.models import load_tokenizer
 
 log = logging.getLogger("hrkd.report")
 
@@ -56,12 +61,6 @@ class CaseStudy:
 def case_study(root: str | Path, task: str, seed: int, examples: int) -> CaseStudy:
     """Ratios of ``models/students/<task>/hrkd/<seed>/_relational`` on test rows 0..examples-1 of every domain."""
     import torch
-
-    from hrkd.data.format import read_meta, read_split
-    from hrkd.data.loading import collate, load_task
-    from hrkd.distill import relational_ratios
-    from hrkd.io import read_json
-    from hrkd.models import load_tokenizer
 
     root = Path(root)
     rel = root / "models" / "students" / task / "hrkd" / str(seed) / "_relational"

@@ -17,14 +17,15 @@ from typing import Any
 from hrkd.config import Params
 from hrkd.errors import HRKDError
 from hrkd.io import read_stage_json
+from hrkd.registry import META_TEACHER, METAKD, student_stage
 
 log = logging.getLogger("hrkd.report")
 
-# File names of the Meta-KD runs (built by the Meta-KD stages, not by this package). The report
-# picks them up when present: metrics/teachers/<task>-meta.json, metrics/students/<task>/metakd-<seed>.json,
-# metrics/fewshot/<task>-<rate>/metakd-<seed>.json.
-META_TEACHER = "meta"
-META_RUN = "metakd"
+# The Meta-KD runs are optional: the report picks them up when present
+# (metrics/teachers/<task>-meta.json, metrics/students/<task>/metakd-<seed>.json,
+# metrics/fewshot/<task>-<rate>/metakd-<seed>.json).
+META_RUN = METAKD
+__all__ = ["META_RUN", "META_TEACHER", "Metrics", "RunMetrics", "profile_name", "provenance"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Metrics:
             path = self.root / "metrics" / "students" / task / f"{run}-{seed}.json"
             if optional and not path.is_file():
                 continue
-            out.append(_read_run(path, _student_stage(task, run, seed)))
+            out.append(_read_run(path, student_stage(task, run, seed)))
         return out
 
     def fewshot_teacher(self, task: str, tag: str, kind: str) -> RunMetrics:
@@ -80,9 +81,7 @@ class Metrics:
             path = self.root / "metrics" / "fewshot" / f"{task}-{tag}" / f"{run}-{seed}.json"
             if optional and not path.is_file():
                 continue
-            stage = (f"distill_fewshot_tinybert@{task}-{tag}-{run.removesuffix('-tinybert-kd')}-{seed}"
-                     if run.endswith("-tinybert-kd") else f"distill_fewshot@{task}-{tag}-{run}-{seed}")
-            out.append(_read_run(path, stage))
+            out.append(_read_run(path, student_stage(task, run, seed, tag)))
         return out
 
     def stats(self, task: str, fewshot_tag: str | None = None) -> dict[str, Any]:
@@ -92,14 +91,6 @@ class Metrics:
 
     def meta(self, task: str) -> dict[str, Any]:
         return read_stage_json(self.root / "data" / "prepared" / task / "meta.json", f"prepare@{task}")
-
-
-def _student_stage(task: str, run: str, seed: int) -> str:
-    if run.endswith("-tinybert-kd"):
-        return f"distill_tinybert@{task}-{run.removesuffix('-tinybert-kd')}-{seed}"
-    if run == META_RUN:
-        return "the Meta-KD stages"
-    return f"distill@{task}-{run}-{seed}"
 
 
 def provenance(metrics: Metrics) -> str:

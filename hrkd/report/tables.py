@@ -14,15 +14,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hrkd.data.fewshot import rate_tag
 from hrkd.errors import HRKDError
-from hrkd.relational import UNIFORM_SPREAD, regime_of_counts
+from hrkd.registry import GRAPH_METHODS, METHODS, TEACHERS, parse_run_name
+from hrkd.relational import DIAGNOSTIC_KEYS, UNIFORM_SPREAD, regime_of_counts
 from hrkd.report.collect import META_RUN, META_TEACHER, Metrics, RunMetrics
 from hrkd.report.paper import PaperValues
 from hrkd.report.stats import PairedTest, improvement_rate, mean_std, paired_t_test
 
 TITLES = {"mnli": "MNLI", "amazon": "Amazon Reviews"}
 RESULTS_TABLE = {"mnli": "table2", "amazon": "table3"}
-HRKD_METHODS = ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical", "hrkd-dro", "hrkd-frozen")
+HRKD_METHODS = GRAPH_METHODS
 BASELINE = "multi-domain-kd"  # HRKD-teacher -TinyBERT-KD-> BERT_S, the row HRKD is tested against
 
 
@@ -73,33 +75,20 @@ def _student_label(teacher: str, method: str) -> str:
     return f"{teacher} →({method}) BERT_S"
 
 
-TEACHER_ROWS = [  # (row key, label, teacher kind)
-    ("teacher-single", "BERT_B-single", "single"),
-    ("teacher-mix", "BERT_B-mix", "mix"),
-    ("teacher-mtl", "BERT_B-mtl", "mtl"),
-    ("teacher-meta", "Meta-teacher", META_TEACHER),
-    ("teacher-hrkd", "HRKD-teacher", "hrkd"),
-]
-STUDENT_ROWS = [  # (row key = run name, label)
-    ("single-tinybert-kd", _student_label("BERT_B-single", "TinyBERT-KD")),
-    ("mix-tinybert-kd", _student_label("BERT_B-mix", "TinyBERT-KD")),
-    ("mtl-tinybert-kd", _student_label("BERT_B-mtl", "TinyBERT-KD")),
-    (META_RUN, _student_label("Meta-teacher", "Meta-distillation")),
-    ("multi-domain-kd", _student_label("HRKD-teacher", "TinyBERT-KD")),
-    ("hrkd", _student_label("HRKD-teacher", "HRKD")),
-]
-ABLATION_ROWS = [  # (row key in Table 4, label, run)
-    ("hrkd", "HRKD", "hrkd"),
-    ("no-self-attention", "− Self-attention", "no-self-attention"),
-    ("no-comp-agg", "− Comp-Agg", "no-comp-agg"),
-    ("no-hierarchical", "− Hierarchical Rel.", "no-hierarchical"),
-    ("no-domain-rel", "− Domain Rel.", "no-domain-rel"),
-    ("hrkd-dro", "HRKD, robust ratios (not in the paper)", "hrkd-dro"),
-    ("hrkd-frozen", "HRKD, graph frozen at init (authors' code)", "hrkd-frozen"),
-]
+def _student_row(run: str) -> tuple[str, str]:
+    method, teacher = parse_run_name(run)
+    return run, _student_label(TEACHERS[teacher].label, METHODS[method].arrow)
 
 
-EXTENSION_RUNS = frozenset({"hrkd-dro", "hrkd-frozen"})  # Table 4 rows that are not in the paper
+# Row order as in the paper's tables; names and labels from hrkd.registry.
+TEACHER_ROWS = [(f"teacher-{k}", TEACHERS[k].label, k) for k in ("single", "mix", "mtl", META_TEACHER, "hrkd")]
+STUDENT_ROWS = [_student_row(r) for r in ("single-tinybert-kd", "mix-tinybert-kd", "mtl-tinybert-kd", META_RUN,
+                                          "multi-domain-kd", "hrkd")]
+ABLATION_ROWS = [(m, METHODS[m].label, m) for m in ("hrkd", "no-self-attention", "no-comp-agg", "no-hierarchical",
+                                                     "no-domain-rel", "hrkd-dro", "hrkd-frozen")]
+
+
+EXTENSION_RUNS = frozenset(m for m, v in METHODS.items() if v.extension)  # Table 4 rows that are not in the paper
 
 
 def _pct(x: float) -> float:
@@ -151,8 +140,8 @@ def results_table(metrics: Metrics, paper: PaperValues, task: str) -> Table:
             note = "" if runs else f"Meta-KD students not built yet (expects metrics/students/{task}/{META_RUN}-<seed>.json)"
             if runs and len(runs) < len(params.seeds):
                 note = f"only {len(runs)} of {len(params.seeds)} seeds found"
-        elif run_name.endswith("-tinybert-kd"):
-            teacher = run_name.removesuffix("-tinybert-kd")
+        elif parse_run_name(run_name)[0] == "tinybert-kd":
+            teacher = parse_run_name(run_name)[1]
             runs = metrics.student(task, run_name) if teacher in params.distill.tinybert_teachers else []
             note = "" if runs else f"'{teacher}' not in distill.tinybert_teachers"
         else:
@@ -196,9 +185,7 @@ def ablation_table(metrics: Metrics, paper: PaperValues, task: str) -> Table:
 
 def _teacher_row_of(run: str) -> str:
     """The teacher row a student run was distilled from (its row key in Tables 2-3)."""
-    if run.endswith("-tinybert-kd"):
-        return f"teacher-{run.removesuffix('-tinybert-kd')}"
-    return f"teacher-{META_TEACHER}" if run == META_RUN else "teacher-hrkd"
+    return f"teacher-{parse_run_name(run)[1]}"
 
 
 def teacher_gap_table(results: Table, ablations: Table, task: str) -> Table:
@@ -378,8 +365,6 @@ class FewShotPoint:
 
 
 def fewshot_points(metrics: Metrics, paper: PaperValues) -> list[FewShotPoint]:
-    from hrkd.data.fewshot import rate_tag
-
     points = []
     for task in metrics.params.fewshot.tasks:
         kind = metrics.meta(task)["kind"]
@@ -430,7 +415,7 @@ def fewshot_table(points: list[FewShotPoint]) -> Table:
 # Ratio diagnostics of the HRKD-method students (the collapse check of docs/hrkd-method.md)
 # ---------------------------------------------------------------------------------------------
 
-DIAG_KEYS = (("mean_spread", "spread"), ("mean_normalised_entropy", "norm. entropy"), ("mean_max_abs_dev", "max |r−1/D|"))
+DIAG_KEYS = tuple(DIAGNOSTIC_KEYS.items())
 DIAG_MODES = (("eval", "eval"), ("train_mode", "dropout-on"))
 
 
