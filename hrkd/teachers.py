@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrkd.config import Params, TrainSettings
-from hrkd.data.loading import Batch, Schedule, TaskSplits, collate
+from hrkd.data.loading import Batch, Schedule, Step, TaskSplits, collate
 from hrkd.driver import Context, Run, RunPaths, drive
 from hrkd.engine import SHARED, Callback, Runtime, seed_everything
 from hrkd.errors import HRKDError
@@ -58,6 +58,19 @@ class ClassifierObjective(nn.Module):
         self.multi_head = multi_head
         self.sum_domains = sum_domains
 
+    def batch_maker(self, task: TaskSplits, device: torch.device) -> Callable[[Step], Batch]:
+        def make_batch(step: Step) -> Batch:
+            return collate(task, "train", step).to(device)
+
+        return make_batch
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """Nothing beyond the teacher's own config decides whether a resume state is this run's."""
+        return {}
+
+    def save_extra(self, out_dir: Path) -> None:
+        """A plain classifier folder is all this teacher leaves."""
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.model(
             batch.input_ids,
@@ -74,10 +87,11 @@ class ClassifierObjective(nn.Module):
 class TeacherPlan:
     """One teacher kind on one task, for :func:`hrkd.driver.drive`.
 
-    ``make_objective(model)`` builds the trainable module around a fresh model (default: the
-    supervised loss of the kind); a kind that trains more than the classifier (Meta-KD's
-    meta-teacher, :mod:`hrkd.metakd.teacher`) passes its own, which may also offer
-    ``batch_maker(task, device)``, ``fingerprint_config()`` and ``save_extra(folder)``.
+    ``make_objective(model)`` builds the trainable module around a fresh model (default:
+    :class:`ClassifierObjective`); a kind that trains more than the classifier (Meta-KD's
+    meta-teacher, :mod:`hrkd.metakd.teacher`) passes its own. Either offers what
+    :class:`ClassifierObjective` does: ``batch_maker(task, device)``, ``fingerprint_config()``
+    and ``save_extra(folder)``.
     """
 
     kind: str
@@ -111,28 +125,24 @@ class TeacherPlan:
                                                     domains=task.domains if kind.multi_head else None)
             objective = (self.make_objective(model) if self.make_objective is not None
                          else ClassifierObjective(model, D, multi_head=kind.multi_head, sum_domains=kind.sum_domains))
-            make_batch = (objective.batch_maker(task, self.runtime.device) if hasattr(objective, "batch_maker")
-                          else _train_batches(task, self.runtime.device))
+            make_batch = objective.batch_maker(task, self.runtime.device)
             config = {"kind": self.kind, "task": task.name, "domain": tag, "settings": settings.model_dump(),
                       "seed": params.teacher.seed, "sizes": task.sizes("train"),
                       "max_seq_len": params.active.max_seq_len, "pretrained": str(self.pretrained),
                       "world": self.runtime.world}
-            if hasattr(objective, "fingerprint_config"):
-                config.update(objective.fingerprint_config())
+            config.update(objective.fingerprint_config())
             yield Run(
                 module=objective, model=model, make_batch=make_batch,
                 schedule=Schedule(kind=kind.schedule, sizes=tuple(task.sizes("train")),
                                   batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0),
                 settings=settings, domains=domains, config=config, multi_head=kind.multi_head,
                 desc=self.label + (f"/{tag}" if tag else ""), find_unused_parameters=kind.unused_parameters,
-                select_average=self.save_shared, subdir=tag, save_with=getattr(objective, "save_extra", None),
+                select_average=self.save_shared, subdir=tag, save_with=objective.save_extra,
                 after=self._save_shared(objective, model) if self.save_shared else None,
             )
             del objective, model
 
     def _save_shared(self, objective: nn.Module, model: nn.Module):
-        save_extra = getattr(objective, "save_extra", None)
-
         def after(trainer, result, staging: Path) -> None:
             # The documented alternative to per-domain selection: one checkpoint for all domains.
             objective.load_state_dict(trainer.best_state(SHARED))
@@ -145,21 +155,13 @@ class TeacherPlan:
                               "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
                               "dev_average": result.best[SHARED].dev, "seed": self.params.teacher.seed},
                 )
-                if save_extra is not None:
-                    save_extra(staging / SHARED / name)
+                objective.save_extra(staging / SHARED / name)
 
         return after
 
     def summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"kind": self.kind, "task": self.task.name, "domains": self.task.domains, "labels": self.task.labels,
                 "metrics": metrics}
-
-
-def _train_batches(task: TaskSplits, device: torch.device):
-    def make_batch(step):
-        return collate(task, "train", step).to(device)
-
-    return make_batch
 
 
 def train_teacher(
