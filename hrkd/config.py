@@ -188,6 +188,10 @@ class TrainSettings(Section):
     # Dev evaluation (and checkpoint) every this many optimiser steps, and at the end.
     eval_every: Annotated[int, Field(ge=1)] = 500
     eval_batch_size: Annotated[int, Field(ge=1)] = 128
+    # Length-grouped batches (Schedule.group_by_length): megabatches of this many batches sorted
+    # by length, so a step pads less and costs less. It changes which rows share a step, hence the
+    # numbers, so it is a training setting; 0 = off, the paper's random batches (HF uses 50).
+    group_by_length: Annotated[int, Field(ge=0)] = 0
 
 
 class StudentSettings(TrainSettings):
@@ -241,11 +245,16 @@ def _device_list(value: Any) -> Any:
 
 
 class Engine(Section):
-    """How runs execute; none of this changes the maths of a run."""
+    """How runs execute: where, in how many processes, at what precision; never which method or schedule."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The frozen teachers' forwards in distillation. auto: the step's precision on GPU; bf16 on
+    # CPUs with native bf16 units (avx512_bf16, amx_bf16), fp32 on other CPUs. bf16 moves the
+    # distillation losses by less than docs/speed.md's tolerance, not by nothing: this is the one
+    # engine setting that changes numbers beyond float reordering.
+    teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Processes per run. >1 relaunches the stage under torchrun (DDP; one GPU each, gloo on CPU).
     nproc: Annotated[int, Field(ge=1)] = 1
     log_every: Annotated[int, Field(ge=1)] = 10

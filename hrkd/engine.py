@@ -53,6 +53,8 @@ class Runtime:
     world: int = 1
     amp_dtype: torch.dtype | None = None
     use_scaler: bool = False
+    # The frozen teachers' forwards (distillation): their own autocast dtype, None = fp32.
+    teacher_amp_dtype: torch.dtype | None = None
 
     @property
     def is_main(self) -> bool:
@@ -62,6 +64,12 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def teacher_autocast(self):
+        """The autocast a frozen teacher's forward runs under, whatever the step's is."""
+        if self.teacher_amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.teacher_amp_dtype)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -95,16 +103,49 @@ def setup_runtime(engine: Engine) -> Runtime:
             precision = "fp32"
         else:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise HRKDError("engine.precision=fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
+    teacher_precision = engine.teacher_precision
+    if teacher_precision == "auto":
+        # The teachers are frozen: no gradients or optimiser state to lose to rounding, and their
+        # forward is most of a distillation step's FLOPs (docs/speed.md has the loss tolerance).
+        teacher_precision = precision if device.type == "cuda" else ("bf16" if cpu_has_bf16() else "fp32")
+    for key, value in (("precision", precision), ("teacher_precision", teacher_precision)):
+        if value == "fp16" and device.type != "cuda":
+            raise HRKDError(f"engine.{key}=fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
     if device.type == "cuda":
         # TF32 matmuls: a large speed-up on Ampere+ at accuracy irrelevant for fine-tuning.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
         keep_freed_memory()
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device=device, rank=rank, world=world, amp_dtype=amp_dtype, use_scaler=precision == "fp16")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return Runtime(device=device, rank=rank, world=world, amp_dtype=dtype[precision], use_scaler=precision == "fp16",
+                   teacher_amp_dtype=dtype[teacher_precision])
+
+
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 products natively (AVX512-BF16 or AMX-BF16).
+
+    oneDNN runs bf16 matmuls on any AVX-512 CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported``
+    says yes there), but without these units it emulates them, slower than fp32; the flags are
+    what tells the two apart. Off Linux the answer is no: fp32, as before.
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process was created (Linux ``/proc``), or None elsewhere."""
+    try:
+        # Field 22 of /proc/self/stat, counted after the ")" that ends the command name.
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -490,6 +531,9 @@ class Trainer:
             mininterval=1.0,
         )
         device = self.runtime.device
+        if self.runtime.is_main and (ready := seconds_since_process_start()) is not None:
+            # What a stage pays before its first step (imports, models, data): issue 13's start-up.
+            log.info("%s: first step %.1f s after the process started", self.desc, ready)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         running = torch.zeros((), device=device)
         running_n = 0

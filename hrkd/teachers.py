@@ -134,7 +134,8 @@ class TeacherPlan:
             yield Run(
                 module=objective, model=model, make_batch=make_batch,
                 schedule=Schedule(kind=kind.schedule, sizes=tuple(task.sizes("train")),
-                                  batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0),
+                                  batch_size=settings.batch_size, seed=params.teacher.seed, domain=run_domain or 0,
+                                  lengths=task.lengths("train"), group_by_length=settings.group_by_length),
                 settings=settings, domains=domains, config=config, multi_head=kind.multi_head,
                 desc=self.label + (f"/{tag}" if tag else ""), find_unused_parameters=kind.unused_parameters,
                 select_average=self.save_shared, subdir=tag, save_with=objective.save_extra,

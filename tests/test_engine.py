@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,17 @@ def test_multi_node_command_uses_static_rendezvous():
     assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29600",
             "--nproc_per_node=4"} <= set(cmd) and "--standalone" not in cmd
     assert "--standalone" in launch_command(Engine(nproc=2), ["s.py"])
+
+
+def test_seconds_since_process_start_brackets_a_child_process():
+    # The child sleeps before asking; its answer must cover that sleep and fit in the parent's
+    # wall time of the whole child (a wrong /proc field gives ticks, thread counts or garbage).
+    if sys.platform != "linux":
+        pytest.skip("/proc is Linux's")
+    code = ("import time; t = time.monotonic(); time.sleep(1.0); "
+            "from hrkd.engine import seconds_since_process_start as f; print(f(), time.monotonic() - t)")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    wall = time.monotonic() - start
+    since_start, inside = float(out[0]), float(out[1])
+    assert inside - 0.02 <= since_start <= wall + 0.02

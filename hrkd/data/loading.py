@@ -8,7 +8,7 @@ exact same result: the resumed run regenerates the epoch and skips the steps alr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,6 +45,10 @@ class TaskSplits:
 
     def sizes(self, split: str) -> list[int]:
         return [len(self.splits[d][split]) for d in self.domains]
+
+    def lengths(self, split: str) -> tuple[torch.Tensor, ...]:
+        """Token lengths of every row, one tensor per domain in ``domains`` order (Schedule.lengths)."""
+        return tuple(self.splits[d][split].lengths for d in self.domains)
 
 
 @dataclass
@@ -155,6 +159,19 @@ def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(torch.split(idx, size))
 
 
+# Salt of the stream that shuffles length-grouped batches: the row permutations of the same
+# (seed, epoch) use 0 and domain + 1.
+_GROUP_SALT = -1
+
+
+def _by_length(idx: torch.Tensor, lengths: torch.Tensor, megabatch: int) -> torch.Tensor:
+    """``idx`` with every run of ``megabatch`` entries sorted longest first (stable: deterministic)."""
+    parts = []
+    for mega in torch.split(idx, megabatch):
+        parts.append(mega[torch.sort(lengths[mega], descending=True, stable=True).indices])
+    return torch.cat(parts) if parts else idx
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which rows every optimisation step sees, as a deterministic function of (seed, epoch).
@@ -167,6 +184,13 @@ class Schedule:
       * ``parallel``- every step takes one batch from every domain (HRKD, section 2.1). An epoch
                       is as long as the largest domain (ceil(n_max / batch) steps); smaller
                       domains are reshuffled and cycled, so all domains contribute equally.
+
+    ``group_by_length`` > 0 (HF's ``group_by_length``; 0 = off, the paper's random batches) cuts
+    the epoch's permutation into megabatches of that many batches and sorts each by ``lengths``,
+    so a batch holds rows of similar length and ``collate`` pads less; the batches are then
+    shuffled, so the order stays random. An epoch still holds exactly the same rows. In
+    ``parallel`` the domains are sorted megabatch by megabatch in step, and the k-th batches of
+    every domain share a step, because a step is padded to the longest row of all its domains.
     """
 
     kind: str
@@ -174,10 +198,25 @@ class Schedule:
     batch_size: int
     seed: int
     domain: int = 0  # for kind == "single"
+    # Train-row token lengths, one tensor per domain (TaskSplits.lengths("train")); read only when
+    # grouping. Not compared: tensors have no single truth value.
+    lengths: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in {"single", "mix", "mtl", "parallel"}:
             raise ValueError(f"unknown schedule kind {self.kind!r}")
+        if self.group_by_length < 0:
+            raise HRKDError(f"group_by_length is {self.group_by_length}: "
+                            "use 0 (off) or the number of batches per megabatch")
+        if self.group_by_length:
+            if self.lengths is None:
+                raise HRKDError("group_by_length needs the rows' lengths: "
+                                "pass lengths=task.lengths('train') to Schedule")
+            got = [len(t) for t in self.lengths]
+            if got != list(self.sizes):
+                raise HRKDError(f"Schedule lengths have {got} rows per domain but sizes are {list(self.sizes)}: "
+                                "pass lengths and sizes of the same split and domains")
         if self.kind == "single" and self.sizes[self.domain] == 0 or sum(self.sizes) == 0:
             raise HRKDError("no training rows: check the prepared data (a domain's train split is empty)")
         if self.kind == "parallel" and min(self.sizes) == 0:
@@ -194,17 +233,30 @@ class Schedule:
             return sum(-(-n // b) for n in self.sizes)
         return max(-(-n // b) for n in self.sizes)
 
+    def _order(self, epoch: int, n: int) -> list[int]:
+        # A grouped megabatch runs longest to shortest; shuffling its batches (with a stream of
+        # their own, so the row permutations stay the ungrouped ones) keeps the order random.
+        if not self.group_by_length:
+            return list(range(n))
+        return torch.randperm(n, generator=_generator(self.seed, epoch, _GROUP_SALT)).tolist()
+
     def epoch(self, epoch: int) -> list[Step]:
-        b = self.batch_size
+        b, mega = self.batch_size, self.group_by_length * self.batch_size
         if self.kind == "single":
             perm = torch.randperm(self.sizes[self.domain], generator=_generator(self.seed, epoch))
-            return [[(self.domain, chunk)] for chunk in _chunks(perm, b)]
+            if mega:
+                perm = _by_length(perm, self.lengths[self.domain], mega)
+            chunks = _chunks(perm, b)
+            return [[(self.domain, chunks[i])] for i in self._order(epoch, len(chunks))]
         if self.kind == "mix":
             domains = torch.cat([torch.full((n,), d, dtype=torch.long) for d, n in enumerate(self.sizes)])
             rows = torch.cat([torch.arange(n) for n in self.sizes])
             perm = torch.randperm(len(rows), generator=_generator(self.seed, epoch))
+            if mega:
+                perm = _by_length(perm, torch.cat(list(self.lengths)), mega)
+            chunks = _chunks(perm, b)
             steps = []
-            for chunk in _chunks(perm, b):
+            for chunk in (chunks[i] for i in self._order(epoch, len(chunks))):
                 d, r = domains[chunk], rows[chunk]
                 steps.append([(int(k), r[d == k]) for k in torch.unique(d)])
             return steps
@@ -212,7 +264,10 @@ class Schedule:
             batches = []
             for d, n in enumerate(self.sizes):
                 perm = torch.randperm(n, generator=_generator(self.seed, epoch, salt=d + 1))
+                if mega:
+                    perm = _by_length(perm, self.lengths[d], mega)
                 batches.extend([(d, chunk)] for chunk in _chunks(perm, b))
+            # This shuffle of all domains' batches is the one grouping needs too.
             order = torch.randperm(len(batches), generator=_generator(self.seed, epoch))
             return [batches[i] for i in order.tolist()]
         steps_n = self.steps_per_epoch
@@ -224,9 +279,15 @@ class Schedule:
             need = steps_n * size
             perms = [torch.randperm(n, generator=_generator(self.seed, epoch * 1000 + k, salt=d + 1))
                      for k in range(-(-need // n))]
-            stream = torch.cat(perms)
+            stream = torch.cat(perms)[:need]
+            if mega and size < n:
+                # Megabatch k of every domain covers the same steps, so its i-th longest batch
+                # lands in the same step in all domains. A domain smaller than a batch is left
+                # alone: each step already holds all of it, and sorting across cycles would not.
+                stream = _by_length(stream, self.lengths[d], self.group_by_length * size)
             per_domain.append([stream[i * size : (i + 1) * size] for i in range(steps_n)])
-        return [[(d, per_domain[d][s]) for d in range(len(self.sizes))] for s in range(steps_n)]
+        # One order for all domains: shuffling them apart would undo the pairing.
+        return [[(d, per_domain[d][s]) for d in range(len(self.sizes))] for s in self._order(epoch, steps_n)]
 
 
 def shard(step: Step, rank: int, world: int) -> Step:

@@ -12,10 +12,11 @@ rows: student rows of domain d are compared with the outputs of domain d's teach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,7 @@ class KDObjective(nn.Module):
         distill: Distill,
         teacher_layers: int,
         teacher_hidden: int,
+        teacher_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     ) -> None:
         super().__init__()
         if method not in METHODS or METHODS[method].metakd:
@@ -137,6 +139,8 @@ class KDObjective(nn.Module):
         self.teachers: list[TeacherGroup] = list(teachers or [])
         # Set by the run when the training rows' teacher outputs fit in memory (engine.teacher_cache_gib).
         self.teacher_cache: TeacherCache | None = None
+        # The autocast of the teachers' forwards (Runtime.teacher_autocast); default: the step's.
+        self.teacher_autocast = teacher_autocast
         # Set by the run (main process): check the ratios' regime every this many training steps.
         self.ratio_watch_every = 0
         self._watch_step = 0
@@ -165,7 +169,7 @@ class KDObjective(nn.Module):
             raise HRKDError("this objective has no teachers (loaded for inference only); pass teachers to distill")
         cache = self.teacher_cache
         width = db.batch.input_ids.shape[1]
-        with torch.inference_mode():
+        with torch.inference_mode(), self.teacher_autocast():
             if cache is None or not db.rows or width > cache.width:
                 return self._run_teachers(db)
             if (hit := cache.get(db.rows, width)) is not None:

@@ -99,7 +99,8 @@ class StudentPlan:
                                                       domains=task.domains if multi else None)
             objective = KDObjective(student, teachers, num_domains=len(domains), method=self.method, distill=distill,
                                     teacher_layers=int(teacher_cfg.num_hidden_layers),
-                                    teacher_hidden=int(teacher_cfg.hidden_size))
+                                    teacher_hidden=int(teacher_cfg.hidden_size),
+                                    teacher_autocast=runtime.teacher_autocast)
             # No batch is wider than the longest training row (collate trims to it).
             width = max(int(task.splits[task.domains[d]]["train"].lengths.max()) for d in domains)
             objective.ratio_watch_every = params.engine.log_every if runtime.is_main else 0
@@ -118,7 +119,8 @@ class StudentPlan:
             yield Run(
                 module=objective, model=student, make_batch=make_batch,
                 schedule=Schedule(kind="single" if spec.per_domain else "parallel", sizes=tuple(task.sizes("train")),
-                                  batch_size=settings.batch_size, seed=self.run_seed, domain=run_domain or 0),
+                                  batch_size=settings.batch_size, seed=self.run_seed, domain=run_domain or 0,
+                                  lengths=task.lengths("train"), group_by_length=settings.group_by_length),
                 settings=settings, domains=domains, config=config, multi_head=multi,
                 desc=self.label + (f"/{tag}" if tag else ""), restore=objective.load_snapshot,
                 snapshot=lambda m: m.snapshot_state(), select_average=spec.graph, subdir=tag,

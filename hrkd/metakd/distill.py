@@ -22,10 +22,11 @@ checkpoint selected for domain k. Its loss terms, per example i:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +100,8 @@ class MetaDistillObjective(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: MetaTeacher, *, stage: str, num_domains: int,
                  tkd_weight: float = 0.5, temperature: float = 1.0, class_mean: bool = False,
-                 mask_queries: bool = False) -> None:
+                 mask_queries: bool = False,
+                 teacher_autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
         super().__init__()
         if stage not in STAGES:
             raise HRKDError(f"unknown Meta-KD stage '{stage}': use one of {list(STAGES)}")
@@ -111,6 +113,8 @@ class MetaDistillObjective(nn.Module):
         self.mask_queries = mask_queries
         self.mask_padding = teacher.mask_padding
         self._teacher = [teacher]
+        # The autocast of the teacher's forwards (Runtime.teacher_autocast); default: the step's.
+        self.teacher_autocast = teacher_autocast
         if stage == "prediction":
             return
 
@@ -138,14 +142,14 @@ class MetaDistillObjective(nn.Module):
         t_model = self.teacher.model
         if self.stage == "prediction":
             s = self.student(b.input_ids, b.attention_mask, b.token_type_ids)
-            with torch.inference_mode():
+            with torch.inference_mode(), self.teacher_autocast():
                 t_logits = t_model(b.input_ids, b.attention_mask, b.token_type_ids).logits
             loss = soft_cross_entropy(s.logits.float(), t_logits.float(), self.temperature, class_mean=self.class_mean)
             return loss, {"pred": loss.detach()}
         mask = b.attention_mask
         pool_mask = mask if self.mask_padding else None
         s = self.student(b.input_ids, mask, b.token_type_ids, taps=self._student_taps)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.teacher_autocast():
             t = t_model(b.input_ids, mask, b.token_type_ids, taps=self._teacher_taps)
             r_t = self.teacher.branch.features(masked_positions_mean(t.last_hidden, pool_mask), b.domain_ids)
         lam = expertise_weights(t.logits, b.labels, mb.weights)
@@ -219,14 +223,16 @@ class MetaKDPlan:
             def objective(stage: str, _teacher=teacher, _student=student) -> MetaDistillObjective:
                 return MetaDistillObjective(_student, _teacher, stage=stage, num_domains=D,
                                             tkd_weight=opts.tkd_weight, temperature=opts.temperature,
-                                            class_mean=opts.class_mean, mask_queries=opts.mask_queries)
+                                            class_mean=opts.class_mean, mask_queries=opts.mask_queries,
+                                            teacher_autocast=runtime.teacher_autocast)
 
             def make_batch(step):
                 return make_meta_batch(task, "train", shard(step, runtime.rank, runtime.world), scores, runtime.device)
 
             def schedule(settings: TrainSettings, _d=d) -> Schedule:
                 return Schedule(kind="single", sizes=tuple(task.sizes("train")), batch_size=settings.batch_size,
-                                seed=run_seed, domain=_d)
+                                seed=run_seed, domain=_d, lengths=task.lengths("train"),
+                                group_by_length=settings.group_by_length)
 
             base = {"method": METHOD, "teacher": TEACHER_KIND, "task": task.name, "domain": dname, "seed": run_seed,
                     "metakd": opts.model_dump(), "sizes": task.sizes("train"),
