@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, encoder, now, peak_memory, reset_peak, shape_of, sync  # noqa: E402
+from _common import (count_flops, device_name, encoder, now, peak_memory, peaks, precision_name,  # noqa: E402
+                     random_rows, reset_peak, run_main, shape_of, sync, throughput, time_steps)
 
 log = logging.getLogger("bench_distill")
 
@@ -71,7 +72,7 @@ def build(method: str, cfg: dict, args, device: torch.device):
                               num_labels=3, domains=names)
     t_layers, t_hidden = shape_of(teachers[0].model.encoder)[:2]
     obj = KDObjective(student, teachers, num_domains=D, method=method, distill=Distill(),
-                      teacher_layers=t_layers, teacher_hidden=t_hidden)
+                      teacher_layers=t_layers, teacher_hidden=t_hidden, teacher_autocast=args.runtime.teacher_autocast)
     return obj.to(device).train()
 
 
@@ -80,12 +81,8 @@ def make_batch(cfg: dict, device: torch.device):
     from hrkd.distill.batches import DistillBatch
 
     D, b, L = cfg["domains"], cfg["per_domain"], cfg["seq"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, cfg["vocab"], (D * b, L), generator=g)
-    lengths = torch.randint(L // 2, L + 1, (D * b,), generator=g)
-    lengths[0] = L  # the step's width is its longest row, as after collate
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
-    batch = Batch(ids * mask, mask, torch.zeros_like(ids), torch.zeros(D * b, dtype=torch.long),
+    ids, mask = random_rows(D * b, L, cfg["vocab"], torch.Generator().manual_seed(0))
+    batch = Batch(ids, mask, torch.zeros_like(ids), torch.zeros(D * b, dtype=torch.long),
                   torch.arange(D).repeat_interleave(b))
     rows = tuple(torch.arange(b) for _ in range(D))  # each domain's rows 0..b-1, for the teacher cache
     return DistillBatch(batch=batch.to(device), spans=tuple((d * b, (d + 1) * b) for d in range(D)), rows=rows)
@@ -101,27 +98,33 @@ def bench(method: str, cfg: dict, args, runtime) -> dict:
         # Every measured step re-reads the rows the first warm-up step cached: an epoch after the first.
         if not obj.enable_teacher_cache([cfg["per_domain"]] * cfg["domains"], cfg["seq"], budget_gib=1e9):
             raise SystemExit("teacher cache could not be enabled")
+    if args.compile:
+        # Forwards only: the objective's Python (spans, losses, graph) stays eager, as it would in a run.
+        obj.student = torch.compile(obj.student, dynamic=False)
+        for group in obj.teachers:
+            group.model.forward = torch.compile(group.model.forward, dynamic=False)
     opt = make_optimizer(obj, 0.01, 1e-4)
-    reset_peak(device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    last = {}
+
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         with runtime.autocast():
             loss, _ = obj(db)
         loss.backward()
         opt.step()
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
-    rows = cfg["domains"] * cfg["per_domain"]
+        last["loss"] = loss.detach()
+
+    reset_peak(device)
+    start = time.perf_counter()
+    step()  # the first step pays for compilation (and oneDNN's kernel set-up)
+    sync(device)
+    first_s = time.perf_counter() - start
+    step_s = time_steps(step, max(args.warmup - 1, 0), args.steps, device)
     peak, kind = peak_memory(device)
-    result = {"examples_per_s": round(rows / step_s, 2), "step_ms": round(1000 * step_s, 2),
-              "peak_mem_mib": round(peak, 1), "memory": kind, "final_loss": round(float(loss.detach()), 5)}
-    del obj, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    flops = count_flops(step)  # after timing: its dispatch overhead must not be timed
+    result = {**throughput(step_s, cfg["domains"] * cfg["per_domain"], db.batch.attention_mask, flops, args.peaks),
+              "first_step_s": round(first_s, 2), "peak_mem_mib": round(peak, 1), "memory": kind,
+              "final_loss": round(float(last["loss"]), 5)}
     return result
 
 
@@ -136,11 +139,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    parser.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="the frozen teachers' forwards (engine.teacher_precision)")
     parser.add_argument("--methods", default="multi-domain-kd,hrkd", help="comma-separated distillation methods")
     parser.add_argument("--shared-teacher", action="store_true", help="one teacher encoder for all domains (less memory)")
     parser.add_argument("--teacher", help="real teacher checkpoint (local folder or hub id) instead of random weights")
     parser.add_argument("--student", help="real student checkpoint (local folder or hub id) instead of random weights")
     parser.add_argument("--student-layers", type=int, help="keep the student checkpoint's first k layers")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' forwards")
     parser.add_argument("--teacher-cache", action="store_true",
                         help="time steps whose teacher outputs come from the cache (every epoch after the first)")
     args = parser.parse_args()
@@ -149,26 +155,33 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS or m == "tinybert-kd"]
     if unknown:
         parser.error(f"unknown or single-domain method(s) {unknown}; choose from {[m for m in METHODS if m != 'tinybert-kd']}")
-    runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
+    runtime = setup_runtime(Engine(device=args.device, precision=args.precision,
+                                   teacher_precision=args.teacher_precision, progress=False))
+    args.runtime = runtime
+    args.peaks = peaks(runtime.device)
     cfg = dict(DIMS[args.dims])
     results = {m: bench(m, cfg, args, runtime) for m in methods}
     cfg.update(teacher_source=args.teacher, student_source=args.student, student_layers=args.student_layers)
 
-    log.info("%-18s %12s %10s %12s", "method", "examples/s", "step ms", "peak MiB")
+    log.info("%-18s %12s %10s %12s %10s %12s", "method", "examples/s", "step ms", "tokens/s", "GFLOP/s", "peak MiB")
     for m, r in results.items():
-        log.info("%-18s %12.1f %10.2f %12.1f", m, r["examples_per_s"], r["step_ms"], r["peak_mem_mib"])
+        log.info("%-18s %12.1f %10.2f %12.1f %10.1f %12.1f", m, r["examples_per_s"], r["step_ms"], r["tokens_per_s"],
+                 r["gflops"], r["peak_mem_mib"])
+    log.info("measured matmul peak (GFLOP/s): %s", args.peaks)
     overhead = None
     if "hrkd" in results and "multi-domain-kd" in results:
         overhead = round(100 * (results["hrkd"]["step_ms"] / results["multi-domain-kd"]["step_ms"] - 1), 2)
         log.info("HRKD overhead over multi-domain-kd: %+.1f %% of step time (target <= 10 %%)", overhead)
     print(json.dumps({
         "bench": "distill", "date": now(), "device": device_name(runtime.device), "torch": torch.__version__,
-        "precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
+        "precision": precision_name(runtime.amp_dtype), "teacher_precision": precision_name(runtime.teacher_amp_dtype),
+        "threads": torch.get_num_threads(), "matmul_peak_gflops": args.peaks,
         "config": {"dims": args.dims, **cfg, "steps": args.steps, "warmup": args.warmup,
-                   "shared_teacher": args.shared_teacher, "teacher_cache": args.teacher_cache},
+                   "shared_teacher": args.shared_teacher, "teacher_cache": args.teacher_cache,
+                   "compile": args.compile},
         "results": results, "hrkd_overhead_pct": overhead,
     }))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

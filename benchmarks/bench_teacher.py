@@ -1,8 +1,9 @@
 """Teacher-training throughput: examples/s and peak memory of full fine-tuning steps.
 
 Paper dimensions (--dims paper): a random-weight BERT-base (12L/768/12 heads/3072 FFN),
-sequence length 128, batch 32 — for the ``hrkd`` kind one batch of 32 from each of 5 domains
-per step, as the HRKD-teacher trains. Each step is forward + backward + clip + AdamW under the
+sequence length 128 (rows of random length between 64 and 128, padded to the longest), batch
+32 — for the ``hrkd`` kind one batch of 32 from each of 5 domains per step, as the HRKD-teacher
+trains. Each step is forward + backward + clip + AdamW under the
 engine's autocast (bf16 on GPUs that support it). --dims small is the `small` profile (MiniLM-L6,
 batch 8, seq 48, 4 domains); --model loads a real checkpoint (local folder or hub id) in place of
 random weights. --dims tiny is a seconds-long CPU smoke check.
@@ -11,7 +12,9 @@ random weights. --dims tiny is a seconds-long CPU smoke check.
     python benchmarks/bench_teacher.py --dims small --model ../shared/models/all-MiniLM-L6-v2
     python benchmarks/bench_teacher.py --dims tiny --steps 3 --warmup 1
 
-Prints a table and one JSON line with device, config, date and results.
+Prints a table and one JSON line: device, precision, threads, the matmul peaks measured in the
+same process, config, date, and per kind examples/s, tokens/s (real and padded), GFLOP per step
+(torch's FLOP counter), GFLOP/s and its fraction of each peak, peak memory.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, encoder, now, peak_memory, reset_peak, sync  # noqa: E402
+from _common import (count_flops, device_name, encoder, now, peak_memory, peaks, precision_name,  # noqa: E402
+                     random_rows, reset_peak, run_main, throughput, time_steps)
 
 log = logging.getLogger("bench_teacher")
 
@@ -37,7 +40,7 @@ DIMS = {
 }
 
 
-def bench(kind: str, cfg: dict, args, runtime) -> dict:
+def bench(kind: str, cfg: dict, args, runtime, peak_gflops: dict[str, float]) -> dict:
     from hrkd.data.loading import Batch
     from hrkd.engine import make_optimizer
     from hrkd.models import MultiDomainBert
@@ -52,29 +55,24 @@ def bench(kind: str, cfg: dict, args, runtime) -> dict:
     objective = ClassifierObjective(model, D, multi_head=multi, sum_domains=TEACHERS[kind].sum_domains).to(device).train()
     rows = cfg["batch"] * (D if TEACHERS[kind].schedule == "parallel" else 1)  # one batch of every domain
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, cfg["vocab"], (rows, cfg["seq"]), generator=g)
-    batch = Batch(ids, torch.ones_like(ids), torch.zeros_like(ids), torch.randint(0, cfg["labels"], (rows,), generator=g),
+    ids, mask = random_rows(rows, cfg["seq"], cfg["vocab"], g)
+    batch = Batch(ids, mask, torch.zeros_like(ids), torch.randint(0, cfg["labels"], (rows,), generator=g),
                   torch.arange(rows) % D).to(device)
     opt = make_optimizer(objective, 0.01, 5e-5)
-    reset_peak(device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         with runtime.autocast():
             loss, _ = objective(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
         opt.step()
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
+
+    reset_peak(device)
+    step_s = time_steps(step, args.warmup, args.steps, device)
     peak, what = peak_memory(device)
-    del objective, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"examples_per_s": round(rows / step_s, 2), "step_ms": round(1000 * step_s, 2), "rows_per_step": rows,
+    flops = count_flops(step)  # after timing: the counter's dispatch overhead must not be timed
+    return {**throughput(step_s, rows, batch.attention_mask, flops, peak_gflops), "rows_per_step": rows,
             "peak_mem_mib": round(peak, 1), "memory": what}
 
 
@@ -98,18 +96,27 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown teacher kind(s) {unknown}; choose from {list(TRAINED_TEACHERS)}")
     runtime = setup_runtime(Engine(device=args.device, precision=args.precision, progress=False))
+    peak_gflops = peaks(runtime.device)
     cfg = DIMS[args.dims]
-    results = {k: bench(k, cfg, args, runtime) for k in kinds}
-    log.info("%-8s %12s %10s %8s %12s", "kind", "examples/s", "step ms", "rows", "peak MiB")
+    results = {}
+    for k in kinds:
+        results[k] = bench(k, cfg, args, runtime, peak_gflops)
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()  # the last kind's model is gone; its cached blocks would inflate the next peak
+    log.info("%-8s %12s %10s %12s %10s %8s %12s", "kind", "examples/s", "step ms", "tokens/s", "GFLOP/s", "rows",
+             "peak MiB")
     for k, r in results.items():
-        log.info("%-8s %12.1f %10.2f %8d %12.1f", k, r["examples_per_s"], r["step_ms"], r["rows_per_step"], r["peak_mem_mib"])
+        log.info("%-8s %12.1f %10.2f %12.1f %10.1f %8d %12.1f", k, r["examples_per_s"], r["step_ms"], r["tokens_per_s"],
+                 r["gflops"], r["rows_per_step"], r["peak_mem_mib"])
+    log.info("measured matmul peak (GFLOP/s): %s", peak_gflops)
     print(json.dumps({
         "bench": "teacher", "date": now(), "device": device_name(runtime.device), "torch": torch.__version__,
-        "precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
+        "precision": precision_name(runtime.amp_dtype), "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peak_gflops,
         "config": {"dims": args.dims, **cfg, "model_source": args.model, "steps": args.steps, "warmup": args.warmup},
         "results": results,
     }))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
