@@ -82,18 +82,18 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model with its bf16 units (what decides teacher_precision: auto)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model, flags = platform.processor() or "cpu", []
+    from hrkd.engine import cpu_bf16_units
+
+    model = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("cpu", platform.machine()):
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags":
-                flags = [f for f in ("avx512_bf16", "amx_bf16") if f in value.split()]
                 break
     except OSError:
         pass
-    return f"{model} ({'+'.join(flags) or 'no bf16 units'}), {torch.get_num_threads()} threads"
+    return f"{model} ({'+'.join(cpu_bf16_units()) or 'no bf16 units'}), {torch.get_num_threads()} threads"
 
 
 def now() -> str:

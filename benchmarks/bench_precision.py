@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, encoder, now, run_main, shape_of, sync  # noqa: E402
+from _common import device_name, encoder, now, random_rows, run_main, shape_of, sync  # noqa: E402
 
 log = logging.getLogger("bench_precision")
 
@@ -51,13 +51,11 @@ def batches(args, vocab: int):
     from hrkd.distill.batches import concat_domain_batches
 
     g = torch.Generator().manual_seed(0)
-    L = args.max_seq_len
     for _ in range(args.batches):
         parts = []
         for _d in range(args.domains):
-            ids = torch.randint(5, vocab, (args.rows, L), generator=g)
-            mask = (torch.arange(L)[None] < torch.randint(L // 2, L + 1, (args.rows, 1), generator=g)).long()
-            parts.append(Batch(ids * mask, mask, torch.zeros_like(ids), torch.zeros(args.rows, dtype=torch.long),
+            ids, mask = random_rows(args.rows, args.max_seq_len, vocab, g)
+            parts.append(Batch(ids, mask, torch.zeros_like(ids), torch.zeros(args.rows, dtype=torch.long),
                                torch.zeros(args.rows, dtype=torch.long)))
         yield concat_domain_batches(parts)
 

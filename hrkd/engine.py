@@ -122,6 +122,19 @@ def setup_runtime(engine: Engine) -> Runtime:
                    teacher_amp_dtype=dtype[teacher_precision])
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The native bf16 units this CPU's flags list (of ``BF16_CPU_FLAGS``); () off Linux."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
+
+
 def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 products natively (AVX512-BF16 or AMX-BF16).
 
@@ -129,12 +142,7 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     says yes there), but without these units it emulates them, slower than fp32; the flags are
     what tells the two apart. Off Linux the answer is no: fp32, as before.
     """
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_bf16_units(cpuinfo))
 
 
 def seconds_since_process_start() -> float | None:
