@@ -31,8 +31,12 @@ def setup_logging(level: str | None = None) -> None:
     try:
         from transformers.utils import logging as hf_logging
 
+        from huggingface_hub.utils import disable_progress_bars
+
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_warning()
+        # The variable above only reaches a hub that is imported after it (not a warm child's).
+        disable_progress_bars()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
 
@@ -42,8 +46,14 @@ def stage(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        setup_logging()
         try:
+            if func.__module__ == "__main__":  # run as a script (a DVC stage), not called from a test
+                from hrkd import warm
+
+                status = warm.delegate()
+                if status is not None:  # a warm child ran the whole script (hrkd/warm.py)
+                    warm.exit_like(status)
+            setup_logging()
             return func(*args, **kwargs)
         except HRKDError as err:
             sys.stderr.write(f"error: {err}\n")
