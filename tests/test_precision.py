@@ -133,3 +133,45 @@ def test_bf16_teacher_keeps_the_losses_within_tolerance(real_objective, one_thre
         assert 0 < rel <= TERM_TOL, f"L_{name}: bf16 teacher moved it by {rel:.2e} (tolerance {TERM_TOL})"
     assert abs(loss.item() - ref_loss.item()) <= LOSS_TOL * abs(ref_loss.item())
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) >= GRAD_COS
+
+
+@pytest.fixture(scope="module")
+def real_metakd(real_objective):
+    """Meta-KD's joint objective (every term: L_hid, L_att, L_TKD, L_pred and the lambda weights)
+    on the same real rows: a one-head meta-teacher with its domain branch, a 3-layer student."""
+    from hrkd.metakd.distill import MetaDistillObjective, MetaTeacher
+    from hrkd.metakd.teacher import DomainBranch, MetaBatch
+    from hrkd.models import MultiDomainBert
+    from hrkd.models.pretrained import load_encoder_checked
+
+    _, db = real_objective
+    torch.manual_seed(0)
+    model = MultiDomainBert(load_encoder_checked(str(CHECKPOINT), seed=1)[0], num_labels=2).eval().requires_grad_(False)
+    branch = DomainBranch(384, 4).eval().requires_grad_(False)
+    student = MultiDomainBert(load_encoder_checked(str(CHECKPOINT), layers=3, seed=0)[0], num_labels=2)
+    obj = MetaDistillObjective(student, MetaTeacher(model, branch, mask_padding=False), stage="joint",
+                               num_domains=4).eval()
+    weights = torch.linspace(0.1, 0.9, len(db.batch.labels))
+    return obj, MetaBatch(db.batch, weights)
+
+
+@pytest.mark.slow
+def test_bf16_teacher_keeps_the_metakd_losses_within_tolerance(real_metakd, one_thread):
+    obj, mb = real_metakd
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        obj.teacher_autocast = Runtime(device=torch.device("cpu"), teacher_amp_dtype=dtype).teacher_autocast
+        obj.zero_grad(set_to_none=True)
+        loss, logs = obj(mb)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in obj.parameters() if p.grad is not None]).double()
+        runs[dtype] = (loss, logs, grad)
+    (ref_loss, ref, ref_grad), (loss, logs, grad) = runs[None], runs[torch.bfloat16]
+    assert loss.dtype is torch.float32 and all(p.dtype is torch.float32 for p in obj.parameters())
+    for name in ("hid", "att", "tkd", "pred", "lambda"):
+        a, b = ref[name], logs[name]
+        assert b.dtype is torch.float32, name
+        rel = ((b - a).abs() / a.abs()).item()
+        assert 0 < rel <= TERM_TOL, f"{name}: bf16 teacher moved it by {rel:.2e} (tolerance {TERM_TOL})"
+    assert abs(loss.item() - ref_loss.item()) <= LOSS_TOL * abs(ref_loss.item())
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) >= GRAD_COS
