@@ -263,6 +263,10 @@ class Engine(Section):
     # step when they fit in this many GiB (the same numbers up to float rounding, one teacher
     # forward per row per run instead of per epoch); 0 recomputes them every step.
     teacher_cache_gib: Annotated[float, Field(ge=0.0)] = 2.0
+    # Tokenised splits are kept in this folder (relative to the DVC root), keyed by the data
+    # file's bytes, the tokenizer and max_seq_len, and read back by later stages instead of
+    # tokenising again (hrkd.data.loading.TokenCache); null tokenises in every stage.
+    token_cache: str | None = "runs/cache/tokens"
     # The GPUs a stage may use (CUDA_VISIBLE_DEVICES): 3, [0, 1] or "0,1"; null = all visible. No
     # stage tracks engine settings, so `dvc exp run --queue -S engine.gpus=3` pins a queued
     # experiment to GPU 3 without invalidating anything (docs/experiments.md). On the command line

@@ -154,7 +154,8 @@ class TeacherPlan:
                     labels=self.task.labels,
                     metadata={"role": "teacher", "kind": self.kind, "task": self.task.name, "domain": name,
                               "selected_step": result.best[SHARED].step, "selection": "average dev accuracy",
-                              "dev_average": result.best[SHARED].dev, "seed": self.params.teacher.seed},
+                              "dev_average": result.best[SHARED].dev, "seed": self.params.teacher.seed,
+                              "max_seq_len": self.params.active.max_seq_len},
                 )
                 objective.save_extra(staging / SHARED / name)
 

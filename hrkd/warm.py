@@ -61,7 +61,8 @@ PRELOAD = (
 # Set by DVC per stage (or by the shell per command): they must not make every stage a new server.
 VOLATILE_ENV = ("DVC_STAGE", "DVC_ROOT", "PWD", "OLDPWD", "SHLVL", "_", ENV_CHILD)
 VOLATILE_PREFIXES = ("DVC_EXP_",)
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Forwarded to a served stage (SIGHUP is absent off POSIX, where warm start is off anyway).
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MAX_REQUEST = 1 << 24
 
 

@@ -55,7 +55,7 @@ def main(
     tokenizer = load_tokenizer(pretrained, setting="--pretrained")
     runtime = setup_runtime(params.engine)
     data_dir = data or Path("data/prepared") / task
-    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
+    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len, cache=params.engine.token_cache)
     common = dict(task=task_data, params=params, seed=seed, teacher_dir=(teachers or Path("models/teachers") / task) / teacher,
                   pretrained_student=pretrained, tokenizer=tokenizer, runtime=runtime, paths=paths, fewshot=fewshot)
     if metakd:

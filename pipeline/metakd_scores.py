@@ -42,7 +42,8 @@ def main(
     tokenizer = load_tokenizer(pretrained, setting="--pretrained")
     # One process is plenty for an inference pass: this stage is never relaunched under torchrun.
     runtime = setup_runtime(params.engine)
-    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len, splits=["train"])
+    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len, splits=["train"],
+                          cache=params.engine.token_cache)
     with torch.random.fork_rng(devices=[]):
         encoder = load_encoder(pretrained, setting="--pretrained").to(runtime.device).eval()
     summary = compute_scores(task=task_data, data_dir=data_dir, encoder=encoder, settings=params.metakd.scores,

@@ -49,7 +49,7 @@ def main(
     tokenizer = load_tokenizer(pretrained)
     runtime = setup_runtime(params.engine)
     data_dir = data or Path("data/prepared") / task
-    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len)
+    task_data = load_task(data_dir, tokenizer, params.active.max_seq_len, cache=params.engine.token_cache)
     common = dict(task=task_data, params=params, pretrained=pretrained, tokenizer=tokenizer, runtime=runtime,
                   paths=paths)
     if meta:

@@ -97,3 +97,21 @@ def test_bad_save_input_raises_one_line(tmp_path, model, tokenizer, head, labels
         save_domain_classifier(model, head, tmp_path / "x", tokenizer, labels, {})
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_saved_tokenizer_does_not_depend_on_its_last_call(tmp_path, tokenizer):
+    """A stage that tokenised its rows and one that read them from the token cache save the same
+    tokenizer.json: truncating at the run's max_seq_len, no padding, whatever the last call set."""
+    import copy
+    import json
+
+    from hrkd.models.checkpoint import save_tokenizer
+
+    fresh, used = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    used(["a b c"] * 2, padding="max_length", max_length=7, truncation=True)
+    save_tokenizer(fresh, tmp_path / "fresh", 12)
+    save_tokenizer(used, tmp_path / "used", 12)
+    saved = (tmp_path / "fresh" / "tokenizer.json").read_bytes()
+    assert saved == (tmp_path / "used" / "tokenizer.json").read_bytes()
+    spec = json.loads(saved)
+    assert spec["truncation"]["max_length"] == 12 and spec["padding"] is None

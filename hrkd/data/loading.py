@@ -8,6 +8,9 @@ exact same result: the resumed run regenerates the epoch and skips the steps alr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +20,9 @@ import torch
 
 from hrkd.data.format import read_meta, read_split
 from hrkd.errors import HRKDError
+from hrkd.io import atomic_file
+
+log = logging.getLogger("hrkd.data")
 
 SPLITS = ("train", "dev", "test")
 
@@ -104,8 +110,15 @@ def load_task(
     max_seq_len: int,
     splits: Sequence[str] = SPLITS,
     domains: Sequence[str] | None = None,
+    cache: str | Path | None = None,
 ) -> TaskSplits:
-    """Read a prepared task folder (meta.json + <domain>/<split>.parquet) and tokenise it."""
+    """Read a prepared task folder (meta.json + <domain>/<split>.parquet) and tokenise it.
+
+    With ``cache`` (``engine.token_cache``), each split's encoding is kept there under a key of
+    the parquet file's bytes, the tokenizer's full definition, ``max_seq_len`` and this module's
+    source, and later stages read it instead of tokenising again (MNLI's demo splits: 0.65 s to
+    tokenise, 4 ms to read).
+    """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
     all_domains = list(meta.domains)
@@ -113,11 +126,72 @@ def load_task(
     unknown = [d for d in chosen if d not in all_domains]
     if unknown:
         raise HRKDError(f"unknown domain(s) {unknown} for {data_dir}: available domains are {all_domains}")
-    encoded = {
-        domain: {split: encode_frame(read_split(data_dir, domain, split), tokenizer, max_seq_len) for split in splits}
-        for domain in chosen
-    }
+    store = TokenCache(cache, tokenizer, max_seq_len) if cache is not None else None
+    encoded = {}
+    for domain in chosen:
+        encoded[domain] = {}
+        for split in splits:
+            frame = read_split(data_dir, domain, split)  # checks the file, cached or not
+            hit = store.get(data_dir / domain / f"{split}.parquet") if store else None
+            if hit is None:
+                hit = encode_frame(frame, tokenizer, max_seq_len)
+                if store:
+                    store.put(data_dir / domain / f"{split}.parquet", hit)
+            encoded[domain][split] = hit
     return TaskSplits(name=meta.task, labels=list(meta.labels), domains=chosen, splits=encoded)
+
+
+class TokenCache:
+    """Encoded splits on disk, content-addressed: a changed file, tokenizer or width is a miss.
+
+    A pure cache (outside DVC, safe to delete): an entry is only ever read for the exact inputs it
+    was computed from, and an unreadable one is recomputed and rewritten.
+    """
+
+    def __init__(self, root: str | Path, tokenizer, max_seq_len: int) -> None:
+        self.root = Path(root)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.base = None  # no fast tokenizer: no cache
+        if backend is not None:
+            # The fast tokenizer's JSON is its whole pipeline (normaliser, vocabulary, post-processor)
+            # less the padding/truncation state its last call left, which encode_frame sets anew;
+            # the sides are the Python wrapper's.
+            spec = json.loads(backend.to_str())
+            spec.pop("padding", None)
+            spec.pop("truncation", None)
+            self.base = hashlib.sha256("\0".join([
+                json.dumps(spec, sort_keys=True), type(tokenizer).__name__, str(tokenizer.padding_side),
+                str(tokenizer.truncation_side), str(int(max_seq_len)), Path(__file__).read_text(encoding="utf-8"),
+            ]).encode()).hexdigest()
+
+    def _path(self, parquet: Path) -> Path | None:
+        if self.base is None:
+            return None
+        digest = hashlib.sha256(self.base.encode() + Path(parquet).read_bytes()).hexdigest()[:32]
+        return self.root / f"{digest}.pt"
+
+    def get(self, parquet: Path) -> EncodedSplit | None:
+        path = self._path(parquet)
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return EncodedSplit(**{name: state[name] for name in ("input_ids", "token_type_ids", "lengths", "labels")})
+        except Exception as err:  # a torn or foreign file: tokenise again and overwrite it
+            log.warning("ignoring unreadable token cache entry %s (%s)", path, err)
+            return None
+
+    def put(self, parquet: Path, split: EncodedSplit) -> None:
+        path = self._path(parquet)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, "wb") as handle:
+                torch.save({name: getattr(split, name) for name in ("input_ids", "token_type_ids", "lengths", "labels")},
+                           handle)
+        except OSError as err:  # a read-only or full disk costs speed, never the run
+            log.warning("token cache not written to %s (%s)", path, err)
 
 
 def collate(task: TaskSplits, split: str, groups: Sequence[tuple[int, torch.Tensor]]) -> Batch:

@@ -59,10 +59,27 @@ def save_domain_classifier(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         clf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, metadata.get("max_seq_len"))
         write_json(tmp / METADATA_FILE, metadata)
     log.info("saved %s (head %d) to %s", type(clf).__name__, head_index, out_dir)
     return out_dir
+
+
+def save_tokenizer(tokenizer, folder: str | Path, max_seq_len: int | None) -> None:
+    """Save ``tokenizer`` as it tokenised the training rows: truncating at ``max_seq_len``, no padding.
+
+    A fast tokenizer's ``tokenizer.json`` otherwise records whatever its last call left (nothing at
+    all when the stage read its splits from the token cache), so one run could write two different
+    folders; fixed, an inference ``pipeline`` on the folder also truncates as training did.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        if max_seq_len:
+            backend.enable_truncation(int(max_seq_len))
+        else:
+            backend.no_truncation()
+    tokenizer.save_pretrained(folder)
 
 
 def load_domain_classifiers(paths: Mapping[str, str | Path]) -> dict[str, MultiDomainBert]:
