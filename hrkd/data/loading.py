@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -132,13 +132,17 @@ def load_task(
         encoded[domain] = {}
         for split in splits:
             frame = read_split(data_dir, domain, split)  # checks the file, cached or not
-            hit = store.get(data_dir / domain / f"{split}.parquet") if store else None
+            entry = store.entry(data_dir / domain / f"{split}.parquet") if store else None
+            hit = store.get(entry) if entry else None
             if hit is None:
                 hit = encode_frame(frame, tokenizer, max_seq_len)
-                if store:
-                    store.put(data_dir / domain / f"{split}.parquet", hit)
+                if entry:
+                    store.put(entry, hit)
             encoded[domain][split] = hit
     return TaskSplits(name=meta.task, labels=list(meta.labels), domains=chosen, splits=encoded)
+
+
+_ENCODED_FIELDS = tuple(f.name for f in fields(EncodedSplit))
 
 
 class TokenCache:
@@ -164,32 +168,28 @@ class TokenCache:
                 str(tokenizer.truncation_side), str(int(max_seq_len)), Path(__file__).read_text(encoding="utf-8"),
             ]).encode()).hexdigest()
 
-    def _path(self, parquet: Path) -> Path | None:
+    def entry(self, parquet: Path) -> Path | None:
+        """Where the encoding of ``parquet`` is kept (None: not cacheable)."""
         if self.base is None:
             return None
         digest = hashlib.sha256(self.base.encode() + Path(parquet).read_bytes()).hexdigest()[:32]
         return self.root / f"{digest}.pt"
 
-    def get(self, parquet: Path) -> EncodedSplit | None:
-        path = self._path(parquet)
-        if path is None or not path.is_file():
+    def get(self, path: Path) -> EncodedSplit | None:
+        if not path.is_file():
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            return EncodedSplit(**{name: state[name] for name in ("input_ids", "token_type_ids", "lengths", "labels")})
+            return EncodedSplit(**{name: state[name] for name in _ENCODED_FIELDS})
         except Exception as err:  # a torn or foreign file: tokenise again and overwrite it
             log.warning("ignoring unreadable token cache entry %s (%s)", path, err)
             return None
 
-    def put(self, parquet: Path, split: EncodedSplit) -> None:
-        path = self._path(parquet)
-        if path is None:
-            return
+    def put(self, path: Path, split: EncodedSplit) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path, "wb") as handle:
-                torch.save({name: getattr(split, name) for name in ("input_ids", "token_type_ids", "lengths", "labels")},
-                           handle)
+                torch.save({name: getattr(split, name) for name in _ENCODED_FIELDS}, handle)
         except OSError as err:  # a read-only or full disk costs speed, never the run
             log.warning("token cache not written to %s (%s)", path, err)
 
